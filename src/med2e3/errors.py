@@ -1,0 +1,43 @@
+"""Exception types, one per failure family.
+
+Every error carries the offending path (when there is one) and a plain reason, so
+the CLI can print one line and exit non-zero.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+class Med2E3Error(Exception):
+    """Base class of all errors raised on purpose by med2e3."""
+
+
+class VolumeError(Med2E3Error, ValueError):
+    """A volume cannot be read or is not a usable 3D image."""
+
+    def __init__(self, path: str | Path | None, reason: str):
+        self.path = None if path is None else Path(path)
+        self.reason = reason
+        super().__init__(f"{path}: {reason}" if path is not None else reason)
+
+
+class DatasetError(Med2E3Error, ValueError):
+    """A dataset file or one of its rows is malformed."""
+
+    def __init__(self, path: str | Path | None, reason: str, row: int | str | None = None):
+        self.path = None if path is None else Path(path)
+        self.reason = reason
+        self.row = row
+        where = str(path) if path is not None else "dataset"
+        if row is not None:
+            where += f" (row {row})"
+        super().__init__(f"{where}: {reason}")
+
+
+class InputError(Med2E3Error, ValueError):
+    """Model inputs (prompt, question, tensors) are malformed."""
+
+
+class ConfigError(Med2E3Error, ValueError):
+    """A configuration is invalid: names the field and the problem."""
