@@ -1,0 +1,96 @@
+"""The release's volume preprocessing as MONAI dictionary transforms on the key ``"image"``.
+
+Eval: crop to the foreground (voxels > 0 of the windowed [0, 1] image) -> trilinear resize to the
+target (D, H, W) -> clip to [0, 1] -> float32 tensor. Train inserts the random transforms of the
+release and nothing else: in-plane RandRotate90 and a RandFlip per axis before the resize (so the
+output size never changes), RandScaleIntensity and RandShiftIntensity after it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from monai.transforms import (
+    Compose,
+    CropForegroundd,
+    EnsureTyped,
+    MapTransform,
+    RandFlipd,
+    RandRotate90d,
+    RandScaleIntensityd,
+    RandShiftIntensityd,
+    Resized,
+    ScaleIntensityRanged,
+)
+
+from med2e3.data.io import WINDOWS, Volume, apply_window
+
+KEY = "image"
+
+
+def build_transforms(size: tuple[int, int, int], train: bool = False) -> Compose:
+    """Preprocessing of a ``{"image": (1, D, H, W) array in [0, 1]}`` item to ``(1, *size)`` float32.
+
+    Train and eval pipelines hold the same deterministic transforms in the same order; ``train``
+    only adds the random ones.
+
+    Raises:
+        ValueError: ``size`` is not three positive integers.
+    """
+    if len(size) != 3 or not all(isinstance(s, int) and s > 0 for s in size):
+        raise ValueError(f"size must be three positive integers (D, H, W), got {size!r}")
+    spatial_aug: list[MapTransform] = []
+    intensity_aug: list[MapTransform] = []
+    if train:
+        spatial_aug = [
+            RandRotate90d(KEY, prob=0.5, spatial_axes=(1, 2)),  # in-plane (H, W)
+            *(RandFlipd(KEY, prob=0.1, spatial_axis=axis) for axis in range(3)),
+        ]
+        intensity_aug = [
+            RandScaleIntensityd(KEY, factors=0.1, prob=0.5),
+            RandShiftIntensityd(KEY, offsets=0.1, prob=0.5),
+        ]
+    return Compose(
+        [
+            CropForegroundd(KEY, source_key=KEY, select_fn=_foreground, allow_smaller=True),
+            *spatial_aug,
+            Resized(KEY, spatial_size=size, mode="trilinear"),
+            *intensity_aug,
+            # identity map [0, 1] -> [0, 1] with clipping: the clip to [0, 1]
+            ScaleIntensityRanged(KEY, a_min=0.0, a_max=1.0, b_min=0.0, b_max=1.0, clip=True),
+            EnsureTyped(KEY, data_type="tensor", dtype=torch.float32, track_meta=False),
+        ]
+    )
+
+
+def prepare_volume(
+    volume: Volume,
+    size: tuple[int, int, int],
+    window: str = "abdomen",
+    train: bool = False,
+    seed: int | None = None,
+) -> torch.Tensor:
+    """A `Volume` as the model's float32 ``(1, *size)`` input in [0, 1].
+
+    CT numbers (``intensity="hu"``) go through ``window`` first (see `WINDOWS`); ``"unit"``
+    volumes are already in [0, 1] and skip it. ``seed`` makes the train augmentation repeatable.
+
+    Raises:
+        ValueError: unknown ``window`` or bad ``size``.
+    """
+    if window not in WINDOWS:
+        raise ValueError(f"unknown window {window!r}; valid names: {', '.join(WINDOWS)}")
+    image = volume.array if volume.intensity == "unit" else apply_window(volume.array, window)
+    pipeline = build_transforms(size, train=train)
+    if seed is not None:
+        pipeline.set_random_state(seed=seed)
+    return pipeline({KEY: image[None]})[KEY]
+
+
+def _foreground(image: Any) -> Any:
+    """Voxels > 0 (numpy or torch); the whole image when none is, so an empty image is not cropped away."""
+    mask = image > 0
+    if not mask.any():
+        mask[...] = True
+    return mask
