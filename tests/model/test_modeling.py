@@ -230,6 +230,7 @@ def test_stage_freezing_and_gradient_to_question_projection():
     tops = {n.split(".")[0] for n in finetune}
     assert tops == {"projector3d", "projector2d", "tgis", "vision2d", "language_model"}
     assert not any(n.startswith(("vision3d", "question_encoder")) for n in finetune)
+    assert not any("post_layernorm" in n for n in finetune)  # unused: features are SigLIP hidden_states
     no_2d = {n.split(".")[0] for n in model.set_training_stage("finetune", train_vision2d=False)}
     assert "vision2d" not in no_2d
     with pytest.raises(ValueError, match="unknown training stage"):

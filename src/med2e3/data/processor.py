@@ -35,9 +35,31 @@ PROCESSOR_CONFIG = "med2e3_processor.json"
 IGNORE_INDEX = -100
 
 
+BUNDLED_VOCAB_SIZE = 1024
+BUNDLED_DIR = "assets/tokenizers"
+
+
 def _corpus() -> list[str]:
     text = resources.files("med2e3").joinpath("assets/corpus.txt").read_text(encoding="utf-8")
     return [line for line in text.splitlines() if line.strip()]
+
+
+def write_bundled_tokenizers(directory: str | Path) -> None:
+    """Train the bundled tokenizers on the radiology corpus and save them (``llm/``, ``question/``).
+
+    Training is not bit-reproducible across processes (the trainer breaks ties in hash order), so the
+    package ships the files this wrote once: ``python -c "from med2e3.data.processor import *;
+    write_bundled_tokenizers('src/med2e3/assets/tokenizers')"``.
+    """
+    directory = Path(directory)
+    build_llm_tokenizer(BUNDLED_VOCAB_SIZE).save_pretrained(directory / "llm")
+    build_question_tokenizer(BUNDLED_VOCAB_SIZE).save_pretrained(directory / "question")
+
+
+def bundled_tokenizers() -> tuple[PreTrainedTokenizerBase, PreTrainedTokenizerBase]:
+    """The shipped (LLM, question) tokenizers for random-init models: no download, always the same ids."""
+    root = Path(str(resources.files("med2e3").joinpath(BUNDLED_DIR)))
+    return AutoTokenizer.from_pretrained(root / "llm"), AutoTokenizer.from_pretrained(root / "question")
 
 
 def build_llm_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
@@ -122,11 +144,15 @@ class Med2E3Processor:
     # ---- construction -----------------------------------------------------------------------------
     @classmethod
     def for_config(cls, config: Med2E3Config, **kwargs) -> Med2E3Processor:
-        """Bundled tokenizers sized for ``config`` (the tiny preset and other random-init models)."""
-        tokenizer = build_llm_tokenizer(config.text_config.vocab_size)
-        question_tokenizer = None
-        if config.slice_aggregation == "tgis":
-            question_tokenizer = build_question_tokenizer(config.question_encoder_config.vocab_size)
+        """The bundled tokenizers with ``config``'s geometry (the tiny preset and other random-init models)."""
+        tokenizer, question_tokenizer = bundled_tokenizers()
+        if config.slice_aggregation != "tgis":
+            question_tokenizer = None
+        elif len(question_tokenizer) > config.question_encoder_config.vocab_size:
+            raise ConfigError(
+                f"the bundled question tokenizer has {len(question_tokenizer)} tokens, more than "
+                f"question_encoder_config.vocab_size={config.question_encoder_config.vocab_size}"
+            )
         processor = cls(tokenizer, question_tokenizer, config.num_image_tokens, config.image_token, **kwargs)
         processor.check_config(config)
         return processor
@@ -180,7 +206,7 @@ class Med2E3Processor:
     # ---- text -------------------------------------------------------------------------------------
     def prompt(self, text: str) -> str:
         """The chat-template prompt for one user turn, ending where the answer starts."""
-        return f"{self.system_prompt} USER: {self.image_token}\n{text} ASSISTANT:"
+        return f"{self.system_prompt} USER: {self.image_token}\n{text.strip()} ASSISTANT:"
 
     def _prompt_ids(self, text: str, row: int) -> list[int]:
         ids = self.tokenizer(self.prompt(text), add_special_tokens=False)["input_ids"]

@@ -331,4 +331,6 @@ class Med2E3ForConditionalGeneration(Med2E3PreTrainedModel, GenerationMixin):
             module = getattr(self, part, None)
             if module is not None:
                 module.requires_grad_(True)
+        if hasattr(self, "vision2d"):  # features come from hidden_states: SigLIP's final norm is never used
+            self.vision2d.post_layernorm.requires_grad_(False)
         return [name for name, p in self.named_parameters() if p.requires_grad]
