@@ -1,0 +1,188 @@
+"""Training configuration: plain YAML files in `configs/`, read strictly, with ``key.sub=value`` overrides.
+
+Relative paths in a config are taken relative to the current working directory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from med2e3.errors import ConfigError
+
+DataFormat = Literal["conversations", "m3d_cap", "m3d_vqa", "ct_rate"]
+
+
+@dataclass
+class ModelSection:
+    """Where the model comes from: a preset (random init) or a med2e3 model folder (``init_from``)."""
+
+    preset: str | None = "tiny"
+    init_from: str | None = None
+    slice_aggregation: str | None = None  # overrides the preset's value
+    overrides: dict[str, Any] = field(default_factory=dict)  # other top-level Med2E3Config fields
+
+
+@dataclass
+class DataSource:
+    """One dataset file in a published format (see `med2e3.data.datasets`)."""
+
+    format: DataFormat
+    path: str
+    split: str | None = None  # m3d_cap: train / validation / test
+    form: Literal["closed", "open", "both"] = "both"  # m3d_vqa
+    volume_dir: str | None = None  # ct_rate
+    data_root: str | None = None
+    orientation: Literal["axial", "acquisition"] = "axial"
+    limit: int | None = None  # first N examples only
+
+
+@dataclass
+class DataSection:
+    train: list[DataSource] = field(default_factory=list)
+    eval: list[DataSource] = field(default_factory=list)
+    on_error: Literal["raise", "skip"] = "raise"
+    window: str = "abdomen"
+    cache_dir: str | None = None  # preprocessed volumes, so an epoch does not redo the MONAI pipeline
+    augment: bool = True
+    num_workers: int = 0
+
+
+@dataclass
+class LoraSection:
+    enabled: bool = False
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.05
+    target_modules: list[str] = field(
+        default_factory=lambda: ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]
+    )
+
+
+@dataclass
+class TrainConfig:
+    """One training run: stage 1 (``pretrain``) or stage 2 (``finetune``) of the release's recipe."""
+
+    stage: Literal["pretrain", "finetune"]
+    output_dir: str
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataSection = field(default_factory=DataSection)
+    lora: LoraSection = field(default_factory=LoraSection)
+    train_vision2d: bool = True
+    seed: int = 0
+    epochs: float = 1.0
+    max_steps: int = -1
+    batch_size: int = 2
+    grad_accum: int = 1
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.03
+    scheduler: str = "cosine"
+    max_grad_norm: float = 1.0
+    precision: Literal["fp32", "bf16"] = "fp32"
+    gradient_checkpointing: bool = False
+    max_length: int = 768
+    logging_steps: int = 10
+    save_steps: int = 500
+    save_total_limit: int | None = 2
+    eval_steps: int | None = None
+    report_to: list[str] = field(default_factory=lambda: ["csv"])  # csv, tensorboard
+    deepspeed: str | None = None  # a DeepSpeed JSON, passed to the engine as is
+    fsdp: str | None = None  # e.g. "full_shard auto_wrap"
+    fsdp_config: str | None = None  # an FSDP JSON, passed through
+
+    def __post_init__(self) -> None:
+        if self.stage == "finetune" and not self.model.init_from:
+            raise ConfigError("stage 'finetune' starts from a stage-1 output: set model.init_from")
+        if not self.data.train:
+            raise ConfigError("data.train lists no dataset")
+        if self.lora.enabled and self.stage != "finetune":
+            raise ConfigError("lora.enabled applies to stage 'finetune' only")
+        unknown = set(self.report_to) - {"csv", "tensorboard"}
+        if unknown:
+            raise ConfigError(f"report_to: unknown logger(s) {sorted(unknown)}; use csv and/or tensorboard")
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> TrainConfig:
+    """Read a YAML training config; ``overrides`` are ``dotted.key=value`` strings (values parsed as YAML)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such config file")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML ({err})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: a config is a mapping of keys to values")
+    for item in overrides or []:
+        _apply_override(raw, item)
+    try:
+        return _build(TrainConfig, raw, "")
+    except ConfigError as err:
+        raise ConfigError(f"{path}: {err}") from None
+
+
+def config_to_dict(config: TrainConfig) -> dict[str, Any]:
+    return dataclasses.asdict(config)
+
+
+def _apply_override(raw: dict[str, Any], item: str) -> None:
+    key, sep, value = item.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"override {item!r} is not of the form key.sub=value")
+    *parents, leaf = key.split(".")
+    node = raw
+    for part in parents:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {item!r}: {part!r} is not a section")
+    node[leaf] = yaml.safe_load(value)
+
+
+def _build(cls: type, raw: Any, prefix: str) -> Any:
+    """Instantiate dataclass ``cls`` from ``raw``, rejecting unknown keys and checking simple types."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'} must be a mapping")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - names)
+    if unknown:
+        raise ConfigError(f"unknown key {prefix + unknown[0]!r} (valid: {', '.join(sorted(names))})")
+    kwargs = {name: _coerce(hints[name], value, prefix + name) for name, value in raw.items()}
+    try:
+        return cls(**kwargs)
+    except TypeError as err:
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: {err}") from None
+
+
+def _coerce(hint: Any, value: Any, key: str) -> Any:
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, key + ".")
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(inner[0], value, key) if len(inner) == 1 else value
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{key} must be one of {list(args)}, got {value!r}")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{key} must be a list, got {value!r}")
+        return [_coerce(args[0], v, f"{key}[{i}]") for i, v in enumerate(value)]
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint in (int, float, str, bool) and not (
+        isinstance(value, hint) and not (hint is int and isinstance(value, bool))
+    ):
+        raise ConfigError(f"{key} must be {hint.__name__}, got {value!r}")
+    return value

@@ -1,0 +1,137 @@
+"""Training data: examples from dataset files -> preprocessed volumes (cached on disk) -> padded batches."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import Dataset
+
+from med2e3.data.datasets import (
+    Example,
+    ExampleReader,
+    read_conversations,
+    read_ct_rate,
+    read_m3d_cap,
+    read_m3d_vqa,
+)
+from med2e3.data.io import load_volume
+from med2e3.data.processor import Med2E3Processor
+from med2e3.data.transforms import augment, build_augmentation, prepare_volume
+from med2e3.errors import ConfigError, DatasetError
+from med2e3.training.config import DataSource
+
+
+def open_source(source: DataSource, on_error: str) -> ExampleReader:
+    """The reader for one configured dataset file."""
+    if source.format == "conversations":
+        return read_conversations(source.path, source.data_root, on_error=on_error)
+    if source.format == "m3d_cap":
+        if not source.split:
+            raise ConfigError(f"m3d_cap source {source.path}: set split (train / validation / test)")
+        return read_m3d_cap(
+            source.path, source.split, source.data_root, orientation=source.orientation, on_error=on_error
+        )
+    if source.format == "m3d_vqa":
+        return read_m3d_vqa(
+            source.path, source.data_root, source.form, orientation=source.orientation, on_error=on_error
+        )
+    if not source.volume_dir:
+        raise ConfigError(f"ct_rate source {source.path}: set volume_dir")
+    return read_ct_rate(source.path, source.volume_dir, orientation=source.orientation, on_error=on_error)
+
+
+def load_examples(sources: Sequence[DataSource], on_error: str = "raise") -> list[Example]:
+    """All examples of ``sources`` (read fully, so broken datasets fail before training starts)."""
+    examples: list[Example] = []
+    for source in sources:
+        rows = list(open_source(source, on_error))
+        examples.extend(rows[: source.limit] if source.limit else rows)
+    missing = [ex for ex in examples if ex.answer is None]
+    if missing:
+        raise DatasetError(missing[0].volume, f"example {missing[0].id!r} has no answer to train on")
+    return examples
+
+
+class VolumeCache:
+    """Eval-preprocessed volumes stored as float16 tensors, keyed by file, geometry and window."""
+
+    def __init__(self, directory: str | Path | None, size: tuple[int, int, int], window: str):
+        self.directory = None if directory is None else Path(directory)
+        self.size = size
+        self.window = window
+        if self.directory is not None:
+            self.directory.mkdir(parents=True, exist_ok=True)
+
+    def _key(self, path: Path, orientation: str) -> str:
+        stat = path.stat()
+        ident = f"{path.resolve()}|{stat.st_mtime_ns}|{stat.st_size}|{orientation}|{self.size}|{self.window}"
+        return hashlib.sha1(ident.encode()).hexdigest()
+
+    def get(self, path: Path, orientation: str) -> torch.Tensor:
+        """The volume at ``path`` as (1, D, H, W) float32 in [0, 1]."""
+        if self.directory is None:
+            return self._prepare(path, orientation)
+        file = self.directory / f"{self._key(path, orientation)}.pt"
+        if file.is_file():
+            return torch.load(file, weights_only=True).float()
+        tensor = self._prepare(path, orientation).half()
+        fd, tmp = tempfile.mkstemp(dir=self.directory, suffix=".tmp")
+        os.close(fd)
+        torch.save(tensor, tmp)
+        os.replace(tmp, file)  # atomic: a reader never sees half a file
+        return tensor.float()  # the same values a later, cached read gives
+
+    def _prepare(self, path: Path, orientation: str) -> torch.Tensor:
+        return prepare_volume(load_volume(path, orientation=orientation), self.size, window=self.window)
+
+
+class VolumeTextDataset(Dataset):
+    """Examples as (volume, prompt, question, answer); augmentation is seeded by (seed, epoch, index)."""
+
+    def __init__(
+        self,
+        examples: Sequence[Example],
+        cache: VolumeCache,
+        augment: bool = False,
+        seed: int = 0,
+    ):
+        self.examples = list(examples)
+        self.cache = cache
+        self.augment = augment
+        self.seed = seed
+        self.epoch = 0
+        self._augmentation = build_augmentation() if augment else None
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        ex = self.examples[index]
+        volume = self.cache.get(ex.volume, ex.orientation)
+        if self.augment:
+            seed = (self.seed * 1_000_003 + self.epoch * 7_919 + index) % 2**31
+            volume = augment(volume, seed, self._augmentation)
+        return {"pixel_values": volume, "text": ex.prompt, "question": ex.question, "answer": ex.answer}
+
+
+class Collator:
+    """Pads a list of items into one batch through the processor (the chat template's single source)."""
+
+    def __init__(self, processor: Med2E3Processor):
+        self.processor = processor
+
+    def __call__(self, items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        batch = self.processor(
+            [it["text"] for it in items],
+            questions=[it["question"] for it in items],
+            answers=[it["answer"] for it in items],
+            volumes=[it["pixel_values"] for it in items],
+            padding_side="right",
+        )
+        return dict(batch)

@@ -1,0 +1,265 @@
+"""The one training entry point: a stage of the release's recipe run by the Hugging Face Trainer.
+
+Distributed runs (torchrun, DeepSpeed, FSDP) are the Trainer's / Accelerate's; this module only builds
+the model, the data and the arguments, keeps checkpoints safe to resume from, and writes a complete
+`from_pretrained` folder at the end.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
+
+from med2e3.config import Med2E3Config
+from med2e3.data.processor import Med2E3Processor
+from med2e3.errors import ConfigError
+from med2e3.model import Med2E3ForConditionalGeneration
+from med2e3.training.config import TrainConfig, config_to_dict
+from med2e3.training.data import Collator, VolumeCache, VolumeTextDataset, load_examples
+
+TRAINING_INFO = "training_info.json"
+COMPLETE_MARKER = "checkpoint_complete"
+LOSS_LOG = "loss_log.csv"
+_CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+
+
+# ---- model ----------------------------------------------------------------------------------------
+def build_model(config: TrainConfig) -> tuple[Med2E3ForConditionalGeneration, Med2E3Processor]:
+    """A preset model (random init) or a med2e3 model folder, with its processor."""
+    section = config.model
+    if section.init_from:
+        folder = Path(section.init_from)
+        check_model_folder(folder)
+        model = Med2E3ForConditionalGeneration.from_pretrained(folder)
+        processor = Med2E3Processor.from_pretrained(folder)
+    else:
+        if not section.preset:
+            raise ConfigError("model: set preset or init_from")
+        overrides = dict(section.overrides)
+        if section.slice_aggregation:
+            overrides["slice_aggregation"] = section.slice_aggregation
+        torch.manual_seed(config.seed)
+        model = Med2E3ForConditionalGeneration(Med2E3Config.from_preset(section.preset, **overrides))
+        processor = Med2E3Processor.for_config(model.config)
+    if section.init_from and section.slice_aggregation not in (None, model.config.slice_aggregation):
+        raise ConfigError(
+            f"model.slice_aggregation={section.slice_aggregation!r} but {section.init_from} was trained with "
+            f"{model.config.slice_aggregation!r}"
+        )
+    processor.max_length = config.max_length
+    processor.check_config(model.config)
+    return model, processor
+
+
+def check_model_folder(folder: Path) -> None:
+    """Raise ConfigError unless ``folder`` holds a med2e3 model (e.g. a stage-1 output)."""
+    config_file = folder / "config.json"
+    if not folder.is_dir():
+        raise ConfigError(f"{folder}: model.init_from is not a folder")
+    if not config_file.is_file():
+        raise ConfigError(
+            f"{folder}: no config.json; model.init_from must be a med2e3 output folder (stage 1)"
+        )
+    model_type = json.loads(config_file.read_text()).get("model_type")
+    if model_type != Med2E3Config.model_type:
+        raise ConfigError(f"{folder}: config.json is a {model_type!r} model, not a med2e3 model")
+    if not any(folder.glob("*.safetensors")):
+        raise ConfigError(f"{folder}: no weights (*.safetensors); was the stage-1 run finished?")
+
+
+def apply_lora(model: Med2E3ForConditionalGeneration, config: TrainConfig) -> None:
+    """Wrap the LLM with PEFT LoRA adapters (its base weights frozen)."""
+    from peft import LoraConfig, get_peft_model
+
+    lora = config.lora
+    model.language_model.requires_grad_(False)
+    model.language_model = get_peft_model(
+        model.language_model,
+        LoraConfig(
+            r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=lora.target_modules
+        ),
+    )
+
+
+# ---- checkpoints ----------------------------------------------------------------------------------
+def last_complete_checkpoint(output_dir: Path) -> Path | None:
+    """The newest checkpoint whose save finished; unfinished ones are moved out of the way."""
+    if not output_dir.is_dir():
+        return None
+    found = []
+    for path in output_dir.iterdir():
+        match = _CHECKPOINT.match(path.name)
+        if match and path.is_dir():
+            if (path / COMPLETE_MARKER).is_file():
+                found.append((int(match.group(1)), path))
+            else:  # interrupted save: never resume from it, never let the Trainer rotate it in
+                shutil.rmtree(path, ignore_errors=True)
+    return max(found)[1] if found else None
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+class CheckpointCallback(TrainerCallback):
+    """After each checkpoint save: add the processor files and the completion marker (written last)."""
+
+    def __init__(self, processor: Med2E3Processor):
+        self.processor = processor
+
+    def on_save(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            if folder.is_dir():
+                self.processor.save_pretrained(folder)
+                _write_atomic(folder / COMPLETE_MARKER, f"{state.global_step}\n")
+
+
+class EpochCallback(TrainerCallback):
+    """Tells the dataset the epoch, so augmentation is a function of (seed, epoch, index) and resumable."""
+
+    def __init__(self, dataset: VolumeTextDataset):
+        self.dataset = dataset
+
+    def on_epoch_begin(self, args, state, control, **kwargs):
+        self.dataset.epoch = int(state.epoch or 0)
+
+
+class CsvLossLog(TrainerCallback):
+    """Appends every log record (step, epoch, loss, lr, grad norm, ...) to ``loss_log.csv``."""
+
+    fields = ("step", "epoch", "loss", "eval_loss", "learning_rate", "grad_norm")
+
+    def __init__(self, output_dir: Path):
+        self.path = output_dir / LOSS_LOG
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if not state.is_world_process_zero or not self.path.is_file():
+            return
+        with self.path.open() as f:  # a resumed run drops rows logged after its checkpoint
+            rows = [r for r in csv.DictReader(f) if int(r["step"]) <= state.global_step]
+        self._write(rows, mode="w")
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        values = {k: logs[k] for k in self.fields[2:] if k in (logs or {})}
+        if state.is_world_process_zero and values:
+            self._write(
+                [{"step": state.global_step, "epoch": round(state.epoch or 0, 4), **values}], mode="a"
+            )
+
+    def _write(self, rows: list[dict[str, Any]], mode: str) -> None:
+        new = mode == "w" or not self.path.is_file()
+        with self.path.open(mode, newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=self.fields)
+            if new:
+                writer.writeheader()
+            writer.writerows(rows)
+
+
+# ---- entry point ----------------------------------------------------------------------------------
+def training_arguments(config: TrainConfig) -> TrainingArguments:
+    on_gpu = torch.cuda.is_available()
+    return TrainingArguments(
+        output_dir=config.output_dir,
+        seed=config.seed,
+        data_seed=config.seed,
+        num_train_epochs=config.epochs,
+        max_steps=config.max_steps,
+        per_device_train_batch_size=config.batch_size,
+        per_device_eval_batch_size=config.batch_size,
+        gradient_accumulation_steps=config.grad_accum,
+        learning_rate=config.lr,
+        weight_decay=config.weight_decay,
+        lr_scheduler_type=config.scheduler,
+        warmup_steps=config.warmup_ratio,
+        max_grad_norm=config.max_grad_norm,
+        bf16=config.precision == "bf16",
+        activation_checkpointing=config.gradient_checkpointing,
+        logging_steps=config.logging_steps,
+        logging_first_step=True,
+        save_strategy="steps",
+        save_steps=config.save_steps,
+        save_total_limit=config.save_total_limit,
+        eval_strategy="steps" if config.data.eval and config.eval_steps else "no",
+        eval_steps=config.eval_steps,
+        report_to=["tensorboard"] if "tensorboard" in config.report_to else "none",
+        deepspeed=config.deepspeed,
+        fsdp=config.fsdp or "",
+        fsdp_config=config.fsdp_config,
+        dataloader_num_workers=config.data.num_workers,
+        remove_unused_columns=False,
+        label_names=["labels"],
+        ddp_find_unused_parameters=False,
+        ddp_backend=None if on_gpu or int(os.environ.get("WORLD_SIZE", "1")) == 1 else "gloo",
+        use_cpu=not on_gpu,
+        optim="adamw_torch",
+    )
+
+
+def train(config: TrainConfig) -> Path:
+    """Run one stage; return the output folder (a complete `from_pretrained` model with its processor)."""
+    output_dir = Path(config.output_dir)
+    examples = load_examples(config.data.train, config.data.on_error)
+    eval_examples = load_examples(config.data.eval, config.data.on_error) if config.data.eval else []
+    set_seed(config.seed)
+    model, processor = build_model(config)
+    model.set_training_stage(config.stage, train_vision2d=config.train_vision2d)
+    if config.lora.enabled:
+        apply_lora(model, config)
+    size = tuple(model.config.vision3d_config.image_size)
+    cache = VolumeCache(config.data.cache_dir, size, config.data.window)
+    train_set = VolumeTextDataset(examples, cache, augment=config.data.augment, seed=config.seed)
+    eval_set = VolumeTextDataset(eval_examples, cache) if eval_examples else None
+    callbacks: list[TrainerCallback] = [CheckpointCallback(processor), EpochCallback(train_set)]
+    if "csv" in config.report_to:
+        callbacks.append(CsvLossLog(output_dir))
+    trainer = Trainer(
+        model=model,
+        args=training_arguments(config),
+        train_dataset=train_set,
+        eval_dataset=eval_set,
+        data_collator=Collator(processor),
+        callbacks=callbacks,
+    )
+    output_dir.mkdir(parents=True, exist_ok=True)
+    resume = last_complete_checkpoint(output_dir) if trainer.is_world_process_zero() else None
+    resume = _broadcast_path(resume)
+    result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    if trainer.is_world_process_zero():
+        final = trainer.model
+        if config.lora.enabled:
+            final.language_model = final.language_model.merge_and_unload()
+        final.save_pretrained(output_dir)
+        processor.save_pretrained(output_dir)
+        info = {
+            "stage": config.stage,
+            "global_step": trainer.state.global_step,
+            "train_loss": result.training_loss,
+            "resumed_from": None if resume is None else resume.name,
+            "config": config_to_dict(config),
+        }
+        _write_atomic(output_dir / TRAINING_INFO, json.dumps(info, indent=2) + "\n")  # last: marks completion
+    return output_dir
+
+
+def _broadcast_path(path: Path | None) -> Path | None:
+    """Rank 0 decides which checkpoint to resume from; every rank uses the same one."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return path
+    box = [None if path is None else str(path)]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return None if box[0] is None else Path(box[0])
