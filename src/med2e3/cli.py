@@ -32,6 +32,101 @@ def _synth(args: argparse.Namespace) -> int:
     return 0
 
 
+def _predictor(args: argparse.Namespace):
+    from med2e3.inference import Med2E3Predictor
+
+    return Med2E3Predictor.from_pretrained(
+        args.model, device=args.device, window=args.window, orientation=args.orientation
+    )
+
+
+def _print_answer(answer, args: argparse.Namespace) -> None:
+    import json
+
+    if args.json:
+        print(json.dumps({"volume": args.volume, **answer.to_dict()}, indent=2))
+        return
+    print(answer.answer)
+    if answer.slice_scores is not None:
+        top = ", ".join(f"{j} ({answer.slice_scores[j]:.3f})" for j in answer.top_slices(4))
+        print(f"[TG-IS top slices: {top}]", file=sys.stderr)
+
+
+def _ask(args: argparse.Namespace) -> int:
+    predictor = _predictor(args)
+    loaded = predictor.load(args.volume)
+    if args.command == "report":
+        answer = predictor.report(max_new_tokens=args.max_new_tokens)
+    else:
+        answer = predictor.ask(args.question, max_new_tokens=args.max_new_tokens)
+    _print_answer(answer, args)
+    if args.plot and answer.slice_scores is not None:
+        from med2e3.viz import plot_slice_scores
+
+        path = plot_slice_scores(
+            loaded.pixel_values[0],
+            answer.slice_scores,
+            args.plot,
+            answer.question,
+            answer.answer,
+            answer.slice_ranges,
+        )
+        print(f"TG-IS figure written to {path}", file=sys.stderr)
+    return 0
+
+
+def _batch(args: argparse.Namespace) -> int:
+    from med2e3.inference import read_batch_input
+
+    rows = read_batch_input(args.input)
+    n = _predictor(args).run_batch(rows, args.out, max_new_tokens=args.max_new_tokens)
+    print(f"{n} answers written to {args.out} ({len(rows) - n} were already there)")
+    return 0
+
+
+def _convert_release(args: argparse.Namespace) -> int:
+    from med2e3.release import convert_release
+
+    out = convert_release(
+        args.src, args.dst, tokenizer=args.tokenizer, question_tokenizer=args.question_tokenizer
+    )
+    print(f"converted model written to {out}")
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from med2e3.demo import DemoBudget, run_demo
+
+    run_demo(args.out, seed=args.seed, budget=DemoBudget(volumes=args.volumes))
+    return 0
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="a med2e3 model folder (e.g. runs/demo/model)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    p.add_argument("--window", default="abdomen", help="CT window: abdomen, lung, bone, brain, minmax")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument(
+        "--orientation",
+        choices=["axial", "acquisition"],
+        default="axial",
+        help="axial: reorient to axial slices; acquisition: keep the scan's own slice axis "
+        "(the synthetic benchmark's coronal/sagittal volumes)",
+    )
+
+
+def _subcommand(sub, name: str, help: str, example: str, handler: Handler) -> argparse.ArgumentParser:
+    p = sub.add_parser(
+        name,
+        help=help,
+        description=help[0].upper() + help[1:] + ".",
+        epilog=f"example: {example}",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.set_defaults(handler=handler)
+    return p
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="med2e3", description="Med-2E3: ask a 3D medical volume a question."
@@ -50,6 +145,66 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", help="a YAML training config (see configs/)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="override config values, e.g. lr=1e-4")
     p.set_defaults(handler=_train)
+
+    p = _subcommand(
+        sub,
+        "ask",
+        "answer a question about a volume (NIfTI, DICOM folder or .npy)",
+        'med2e3 ask scan.nii.gz "Which organ has a lesion?" --model runs/demo/model --plot slices.png',
+        _ask,
+    )
+    p.add_argument("volume", help="a .nii/.nii.gz file, a DICOM series folder or a .npy")
+    p.add_argument("question")
+    _add_model_args(p)
+    p.add_argument("--plot", metavar="PNG", help="write the TG-IS slice-score figure here")
+    p.add_argument("--json", action="store_true", help="print the answer and slice scores as JSON")
+
+    p = _subcommand(
+        sub,
+        "report",
+        "write a findings report for a volume",
+        "med2e3 report scan.nii.gz --model runs/demo/model",
+        _ask,
+    )
+    p.add_argument("volume")
+    _add_model_args(p)
+    p.set_defaults(max_new_tokens=256)
+    p.add_argument("--plot", metavar="PNG", help="write the TG-IS slice-score figure here")
+    p.add_argument("--json", action="store_true")
+
+    p = _subcommand(
+        sub,
+        "batch",
+        "answer a CSV/JSONL of (volume, question) rows into a JSONL, resumably",
+        "med2e3 batch questions.csv --model runs/demo/model --out answers.jsonl",
+        _batch,
+    )
+    p.add_argument("input", help="CSV or JSONL with volume, question[, id, prompt]; paths relative to it")
+    p.add_argument("--out", required=True, help="output JSONL (appended; rows already there are skipped)")
+    _add_model_args(p)
+
+    p = _subcommand(
+        sub,
+        "convert-release",
+        "convert the authors' released checkpoint folder to a med2e3 model folder",
+        "med2e3 convert-release Med-2E3-M3D checkpoints/med2e3-m3d",
+        _convert_release,
+    )
+    p.add_argument("src", help="the release folder (args/, llm/, vision2d_model/, ...)")
+    p.add_argument("dst", help="output folder (safetensors + tokenizers)")
+    p.add_argument("--tokenizer", help="a local Phi-3 tokenizer folder, if the release has none")
+    p.add_argument("--question-tokenizer", help="a local bert-base-uncased tokenizer folder (M3D-CLIP's)")
+
+    p = _subcommand(
+        sub,
+        "demo",
+        "generate synthetic CTs, train the tiny model (both stages), evaluate it and ask it questions",
+        "med2e3 demo --out runs/demo",
+        _demo,
+    )
+    p.add_argument("--out", default="runs/demo", help="output folder (default runs/demo); reruns resume")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--volumes", type=int, default=400, help="synthetic volumes to generate (default 400)")
 
     data = sub.add_parser("data", help="dataset tools").add_subparsers(dest="data_command", required=True)
     p = data.add_parser(

@@ -121,6 +121,19 @@ def prepare_volume(
     return pipeline({KEY: image[None]})[KEY]
 
 
+def source_slice_ranges(volume: Volume, n_slices: int, window: str = "abdomen") -> list[tuple[int, int]]:
+    """For each of the model's ``n_slices`` depth slices, the [start, stop) slices of ``volume`` it covers.
+
+    Follows the eval pipeline: the foreground crop's depth extent, resized linearly to ``n_slices``.
+    """
+    image = volume.array if volume.intensity == "unit" else apply_window(volume.array, window)
+    depth_has_foreground = _foreground(image[None])[0].reshape(image.shape[0], -1).any(axis=1)
+    kept = depth_has_foreground.nonzero()[0]
+    first, extent = int(kept[0]), int(kept[-1]) - int(kept[0]) + 1
+    bounds = [first + (j * extent) // n_slices for j in range(n_slices + 1)]
+    return [(bounds[j], max(bounds[j + 1], bounds[j] + 1)) for j in range(n_slices)]
+
+
 def _foreground(image: Any) -> Any:
     """Voxels > 0 (numpy or torch); the whole image when none is, so an empty image is not cropped away."""
     mask = image > 0

@@ -123,9 +123,14 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> TrainCo
     for item in overrides or []:
         _apply_override(raw, item)
     try:
-        return _build(TrainConfig, raw, "")
+        return config_from_dict(raw)
     except ConfigError as err:
         raise ConfigError(f"{path}: {err}") from None
+
+
+def config_from_dict(raw: dict[str, Any]) -> TrainConfig:
+    """A TrainConfig from a plain mapping (as a YAML file would hold), checked like `load_config`."""
+    return _build(TrainConfig, raw, "")
 
 
 def config_to_dict(config: TrainConfig) -> dict[str, Any]:

@@ -1,0 +1,338 @@
+"""Med2E3Predictor: load a model once, encode a volume once, ask it many questions.
+
+The 3D tokens and the per-slice 2D tokens do not depend on the question, so `load` computes them
+once; each question then runs only the question encoder, TG-IS and the LLM.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from threading import Thread
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+from transformers import TextIteratorStreamer
+from transformers.utils import logging as hf_logging
+
+from med2e3.data.datasets import REPORT_INSTRUCTIONS
+from med2e3.data.io import Orientation, Volume, from_array, load_volume
+from med2e3.data.processor import Med2E3Processor
+from med2e3.data.transforms import prepare_volume, source_slice_ranges
+from med2e3.errors import ConfigError, DatasetError, InputError
+from med2e3.model import Med2E3ForConditionalGeneration, VolumeEncoding
+
+MAX_QUESTION_CHARS = 2000
+
+
+@dataclass
+class Answer:
+    """One answer with the TG-IS slice weights that produced it."""
+
+    question: str
+    answer: str
+    slice_scores: list[float] | None  # one weight per model slice (sum 1); None for slice_aggregation="none"
+    slice_ranges: list[tuple[int, int]]  # [start, stop) slices of the original volume behind each model slice
+
+    def top_slices(self, k: int = 4) -> list[int]:
+        """Model-slice indices with the highest scores, best first."""
+        if self.slice_scores is None:
+            return []
+        return [int(i) for i in np.argsort(self.slice_scores)[::-1][:k]]
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["slice_ranges"] = [list(r) for r in self.slice_ranges]
+        d["top_slices"] = self.top_slices()
+        return d
+
+
+@dataclass
+class LoadedVolume:
+    """A volume as read, as the model sees it, and its cached encoding."""
+
+    volume: Volume
+    pixel_values: torch.Tensor  # 1 x 1 x D x H x W in [0, 1]
+    encoding: VolumeEncoding
+    slice_ranges: list[tuple[int, int]]
+
+
+def check_model_folder(path: str | Path) -> Path:
+    """Raise ConfigError unless ``path`` is a med2e3 model folder (weights, config, processor files)."""
+    path = Path(path)
+    if not path.is_dir():
+        raise ConfigError(f"{path}: model folder does not exist")
+    config = path / "config.json"
+    if not config.is_file():
+        raise ConfigError(f"{path}: not a med2e3 model folder (no config.json)")
+    try:
+        model_type = json.loads(config.read_text()).get("model_type")
+    except json.JSONDecodeError:
+        raise ConfigError(f"{config}: not valid JSON") from None
+    if model_type != "med2e3":
+        raise ConfigError(f"{path}: not a med2e3 model (config.json says model_type={model_type!r})")
+    if not any(path.glob("*.safetensors")):
+        raise ConfigError(f"{path}: no weights (*.safetensors)")
+    return path
+
+
+@contextmanager
+def _quiet_loading() -> Iterator[None]:
+    """No per-tensor "Loading weights" bar: loading a small model is instant, and CLI errors stay one line."""
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
+
+
+class Med2E3Predictor:
+    """Ask questions about a volume; every answer carries its TG-IS slice scores.
+
+    Example::
+
+        predictor = Med2E3Predictor.from_pretrained("runs/demo/model")
+        predictor.load("scan.nii.gz")
+        print(predictor.ask("Which organ has a lesion?").answer)
+    """
+
+    def __init__(
+        self,
+        model: Med2E3ForConditionalGeneration,
+        processor: Med2E3Processor,
+        window: str = "abdomen",
+        orientation: Orientation = "axial",
+    ):
+        self.model = model.eval()
+        self.processor = processor
+        self.window = window
+        self.orientation = orientation
+        self.current: LoadedVolume | None = None
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str | Path,
+        device: str | torch.device | None = None,
+        dtype: torch.dtype | None = None,
+        **kwargs: Any,
+    ) -> Med2E3Predictor:
+        """Load a model folder; ``device`` defaults to CUDA when available, ``dtype`` to bf16 there, fp32 on CPU."""
+        path = check_model_folder(path)
+        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+        with _quiet_loading():
+            model = Med2E3ForConditionalGeneration.from_pretrained(path, dtype=dtype).to(device)
+            processor = Med2E3Processor.from_pretrained(path)
+        processor.check_config(model.config)
+        return cls(model, processor, **kwargs)
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    # ---- volumes ----------------------------------------------------------------------------------
+    def read(self, volume: str | Path | np.ndarray | torch.Tensor | Volume) -> Volume:
+        if isinstance(volume, Volume):
+            return volume
+        if isinstance(volume, (str, Path)):
+            return load_volume(volume, orientation=self.orientation)
+        return from_array(volume)
+
+    @torch.no_grad()
+    def load(self, volume: str | Path | np.ndarray | torch.Tensor | Volume) -> LoadedVolume:
+        """Read, preprocess and encode a volume (once); later questions reuse the encoding."""
+        vol = self.read(volume)
+        size = tuple(self.model.config.vision3d_config.image_size)
+        pixel_values = prepare_volume(vol, size, window=self.window)[None].to(self.device)
+        encoding = self.model.encode_volume(pixel_values.to(self.model.dtype))
+        ranges = source_slice_ranges(vol, self.model.config.num_slices, window=self.window)
+        self.current = LoadedVolume(vol, pixel_values, encoding, ranges)
+        return self.current
+
+    def _loaded(self) -> LoadedVolume:
+        if self.current is None:
+            raise InputError("no volume loaded: call load(path) first")
+        return self.current
+
+    # ---- questions --------------------------------------------------------------------------------
+    def _inputs(
+        self, questions: Sequence[str], prompts: Sequence[str] | None = None
+    ) -> dict[str, torch.Tensor]:
+        for q in questions:
+            if not isinstance(q, str) or not q.strip():
+                raise InputError("the question is empty")
+            if len(q) > MAX_QUESTION_CHARS:
+                raise InputError(
+                    f"the question is {len(q)} characters long; the limit is {MAX_QUESTION_CHARS}"
+                )
+        batch = self.processor(list(prompts or questions), questions=list(questions), padding_side="left")
+        return {k: v.to(self.device) for k, v in batch.items()}
+
+    def _generation_kwargs(self, max_new_tokens: int, do_sample: bool, **sampling: Any) -> dict[str, Any]:
+        tok = self.processor.tokenizer
+        kwargs: dict[str, Any] = {
+            "max_new_tokens": max_new_tokens,
+            "do_sample": do_sample,
+            "eos_token_id": tok.eos_token_id,
+            "pad_token_id": tok.pad_token_id,
+            "return_dict_in_generate": True,
+        }
+        if do_sample:
+            kwargs.update(sampling)
+        return kwargs
+
+    @torch.no_grad()
+    def ask_many(
+        self,
+        questions: Sequence[str],
+        prompts: Sequence[str] | None = None,
+        max_new_tokens: int = 64,
+        do_sample: bool = False,
+        **sampling: Any,
+    ) -> list[Answer]:
+        """Answer several questions about the loaded volume in one batched generation.
+
+        ``prompts`` are the texts shown to the LLM when they differ from the bare questions that
+        TG-IS reads (e.g. a closed question followed by its choices).
+        """
+        loaded = self._loaded()
+        inputs = self._inputs(questions, prompts)
+        out = self.model.generate(
+            **inputs,
+            volume_encoding=loaded.encoding.expand(len(questions)),
+            **self._generation_kwargs(max_new_tokens, do_sample, **sampling),
+        )
+        texts = self.processor.batch_decode(out.sequences[:, inputs["input_ids"].shape[1] :])
+        scores = None if out.slice_scores is None else out.slice_scores.float().cpu().tolist()
+        return [
+            Answer(q, text, None if scores is None else scores[i], loaded.slice_ranges)
+            for i, (q, text) in enumerate(zip(questions, texts, strict=True))
+        ]
+
+    def ask(self, question: str, prompt: str | None = None, **generation: Any) -> Answer:
+        """Answer one question about the loaded volume (greedy unless ``do_sample=True``)."""
+        return self.ask_many([question], None if prompt is None else [prompt], **generation)[0]
+
+    def report(self, **generation: Any) -> Answer:
+        """Write a findings report for the loaded volume."""
+        generation.setdefault("max_new_tokens", 256)
+        return self.ask(REPORT_INSTRUCTIONS[0], **generation)
+
+    def stream(self, question: str, max_new_tokens: int = 64) -> Iterator[str]:
+        """Yield the answer's text piece by piece as it is generated (greedy)."""
+        loaded = self._loaded()
+        inputs = self._inputs([question])
+        streamer = TextIteratorStreamer(self.processor.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        kwargs = self._generation_kwargs(max_new_tokens, False)
+        thread = Thread(
+            target=self.model.generate,
+            kwargs={**inputs, "volume_encoding": loaded.encoding, "streamer": streamer, **kwargs},
+        )
+        thread.start()
+        yield from streamer
+        thread.join()
+
+    def slice_scores(self, question: str) -> list[float] | None:
+        """TG-IS scores of ``question`` on the loaded volume, without generating an answer."""
+        loaded = self._loaded()
+        inputs = self._inputs([question])
+        with torch.no_grad():
+            _, scores = self.model.visual_tokens(
+                loaded.encoding, inputs.get("question_input_ids"), inputs.get("question_attention_mask")
+            )
+        return None if scores is None else scores[0].float().cpu().tolist()
+
+    # ---- batch mode -------------------------------------------------------------------------------
+    def run_batch(
+        self,
+        rows: Sequence[dict[str, str]],
+        out_path: str | Path,
+        max_new_tokens: int = 64,
+        progress: bool = True,
+    ) -> int:
+        """Answer (volume, question) rows into a JSONL, one line per row, resuming an interrupted run.
+
+        Rows need ``volume`` and ``question`` (optional ``id``, ``prompt``); rows are grouped by volume so
+        each volume is encoded once. Lines already in ``out_path`` are kept and their ids skipped.
+        Returns the number of rows answered now.
+        """
+        out_path = Path(out_path)
+        done = completed_ids(out_path)
+        todo = [r for r in rows if r["id"] not in done]
+        by_volume: dict[str, list[dict[str, str]]] = {}
+        for row in todo:
+            by_volume.setdefault(row["volume"], []).append(row)
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        bar = tqdm(total=len(todo), disable=not progress, desc="answering", unit="q")
+        with out_path.open("a", encoding="utf-8") as out:
+            for volume, group in by_volume.items():
+                self.load(volume)
+                for row in group:
+                    answer = self.ask(
+                        row["question"], row.get("prompt") or None, max_new_tokens=max_new_tokens
+                    )
+                    record = {"id": row["id"], "volume": volume, **answer.to_dict()}
+                    out.write(json.dumps(record) + "\n")
+                    out.flush()
+                    os.fsync(out.fileno())
+                    bar.update()
+        bar.close()
+        return len(todo)
+
+
+def completed_ids(path: Path) -> set[str]:
+    """Ids already answered in a batch output; a torn last line (crash mid-write) is cut off."""
+    if not path.is_file():
+        return set()
+    ids: set[str] = set()
+    good = 0
+    with path.open("rb") as f:
+        for raw in f:
+            try:
+                ids.add(json.loads(raw)["id"])
+            except (json.JSONDecodeError, KeyError, UnicodeDecodeError):
+                break
+            good += len(raw)
+    if good < path.stat().st_size:
+        with path.open("r+b") as f:
+            f.truncate(good)
+    return ids
+
+
+def read_batch_input(path: str | Path) -> list[dict[str, str]]:
+    """Rows of a CSV (columns volume, question[, id, prompt]) or JSONL (same keys); volumes relative to the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise DatasetError(path, "no such file")
+    if path.suffix == ".csv":
+        with path.open(newline="", encoding="utf-8") as f:
+            raw_rows = list(csv.DictReader(f))
+    else:
+        raw_rows = []
+        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+            if line.strip():
+                try:
+                    raw_rows.append(json.loads(line))
+                except json.JSONDecodeError as err:
+                    raise DatasetError(path, f"not valid JSON ({err.msg})", row=n) from None
+    rows = []
+    for n, raw in enumerate(raw_rows, start=1):
+        if not isinstance(raw, dict) or not raw.get("volume") or not raw.get("question"):
+            raise DatasetError(path, "each row needs 'volume' and 'question'", row=n)
+        volume = Path(raw["volume"])
+        volume = volume if volume.is_absolute() else path.parent / volume
+        rows.append({**raw, "volume": str(volume), "id": str(raw.get("id") or n)})
+    ids = [r["id"] for r in rows]
+    if len(set(ids)) != len(ids):
+        raise DatasetError(path, "row ids are not unique")
+    return rows

@@ -1,0 +1,147 @@
+"""Med2E3Predictor: encode once, ask many; batch mode resumes; the TG-IS figure."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from med2e3 import Med2E3Config, Med2E3ForConditionalGeneration, Med2E3Processor
+from med2e3.errors import ConfigError, DatasetError, InputError, VolumeError
+from med2e3.inference import Med2E3Predictor, completed_ids, read_batch_input
+from med2e3.viz import plot_slice_scores
+
+QUESTIONS = ["Which organ has a lesion?", "In which plane is this image?", "What is in the left kidney?"]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("model")
+    torch.manual_seed(0)
+    config = Med2E3Config.from_preset("tiny")
+    model = Med2E3ForConditionalGeneration(config)
+    with torch.no_grad():  # spread the TG-IS scores so that comparisons are not all ~1/32
+        model.tgis.text_proj.weight.normal_(std=2.0)
+        model.projector2d.linear_2.weight.normal_(std=1.0)
+    model.save_pretrained(d)
+    Med2E3Processor.for_config(config).save_pretrained(d)
+    return d
+
+
+@pytest.fixture(scope="module")
+def predictor(model_dir) -> Med2E3Predictor:
+    return Med2E3Predictor.from_pretrained(model_dir, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def volume_path(tmp_path_factory) -> Path:
+    rng = np.random.default_rng(0)
+    vol = rng.uniform(0, 0.3, size=(1, 40, 72, 72)).astype(np.float32)
+    vol[0, 5:35, 10:60, 10:60] += 0.4
+    path = tmp_path_factory.mktemp("vol") / "scan.npy"
+    np.save(path, vol)
+    return path
+
+
+def test_cached_and_uncached_paths_agree(predictor, volume_path):
+    loaded = predictor.load(volume_path)
+    cached = predictor.ask(QUESTIONS[0], max_new_tokens=8)
+    batch = predictor.processor([QUESTIONS[0]], volumes=loaded.pixel_values, padding_side="left")
+    with torch.no_grad():
+        uncached = predictor.model.generate(
+            **batch,
+            max_new_tokens=8,
+            do_sample=False,
+            return_dict_in_generate=True,
+            pad_token_id=0,
+            eos_token_id=0,
+        )
+    text = predictor.processor.decode(uncached.sequences[0, batch["input_ids"].shape[1] :])
+    assert cached.answer == text
+    torch.testing.assert_close(torch.tensor(cached.slice_scores), uncached.slice_scores[0])
+    assert len(cached.slice_scores) == 32 and abs(sum(cached.slice_scores) - 1) < 1e-5
+
+
+def test_ask_many_equals_repeated_ask(predictor, volume_path):
+    predictor.load(volume_path)
+    many = predictor.ask_many(QUESTIONS, max_new_tokens=8)
+    single = [predictor.ask(q, max_new_tokens=8) for q in QUESTIONS]
+    assert [a.answer for a in many] == [a.answer for a in single]
+    for a, b in zip(many, single, strict=True):
+        np.testing.assert_allclose(a.slice_scores, b.slice_scores, rtol=1e-5, atol=1e-7)
+    assert many[0].slice_scores != many[1].slice_scores  # the question matters
+
+
+def test_slice_ranges_map_to_the_original_volume(predictor, volume_path):
+    loaded = predictor.load(volume_path)
+    ranges = predictor.ask(QUESTIONS[0], max_new_tokens=2).slice_ranges
+    assert len(ranges) == 32 and ranges == loaded.slice_ranges
+    assert ranges[0][0] == 0 and ranges[-1][1] == 40  # the whole 40-slice depth has foreground
+    assert all(a[0] <= b[0] for a, b in zip(ranges, ranges[1:], strict=False))
+
+
+def test_stream_yields_the_greedy_answer(predictor, volume_path):
+    predictor.load(volume_path)
+    pieces = list(predictor.stream(QUESTIONS[1], max_new_tokens=8))
+    assert "".join(pieces).strip() == predictor.ask(QUESTIONS[1], max_new_tokens=8).answer
+
+
+def test_bad_input(predictor, tmp_path, volume_path):
+    with pytest.raises(VolumeError, match="missing.nii.gz"):
+        predictor.load(tmp_path / "missing.nii.gz")
+    predictor.load(volume_path)
+    with pytest.raises(InputError, match="empty"):
+        predictor.ask("   ")
+    with pytest.raises(InputError, match="limit"):
+        predictor.ask("why " * 1000)
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    with pytest.raises(ConfigError, match="not a med2e3 model"):
+        Med2E3Predictor.from_pretrained(tmp_path)
+
+
+def test_batch_mode_resumes_without_losing_lines(predictor, volume_path, tmp_path):
+    rows_file = tmp_path / "q.jsonl"
+    rows_file.write_text(
+        "".join(
+            json.dumps({"id": f"q{i}", "volume": str(volume_path), "question": q}) + "\n"
+            for i, q in enumerate(QUESTIONS)
+        )
+    )
+    rows = read_batch_input(rows_file)
+    out = tmp_path / "answers.jsonl"
+    assert predictor.run_batch(rows[:2], out, max_new_tokens=4, progress=False) == 2
+    with out.open("a") as f:  # a crash mid-line
+        f.write('{"id": "q2", "answ')
+    assert completed_ids(out) == {"q0", "q1"}
+    assert predictor.run_batch(rows, out, max_new_tokens=4, progress=False) == 1
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["id"] for r in lines] == ["q0", "q1", "q2"]
+    assert all(len(r["slice_scores"]) == 32 for r in lines)
+    assert predictor.run_batch(rows, out, max_new_tokens=4, progress=False) == 0
+    (tmp_path / "bad.jsonl").write_text('{"volume": "x.npy"}\n')
+    with pytest.raises(DatasetError, match="row 1"):
+        read_batch_input(tmp_path / "bad.jsonl")
+
+
+def test_figure_is_a_sensible_png(predictor, volume_path, tmp_path):
+    loaded = predictor.load(volume_path)
+    answer = predictor.ask(QUESTIONS[0], max_new_tokens=4)
+    path = plot_slice_scores(
+        loaded.pixel_values[0],
+        answer.slice_scores,
+        tmp_path / "fig.png",
+        answer.question,
+        answer.answer,
+        answer.slice_ranges,
+    )
+    with Image.open(path) as img:
+        assert img.format == "PNG"
+        assert 600 <= img.width <= 2000 and 400 <= img.height <= 1400
+        pixels = np.asarray(img.convert("L"))
+    assert pixels.std() > 10  # not a blank image
+    with pytest.raises(ValueError, match="scores"):
+        plot_slice_scores(loaded.pixel_values[0], answer.slice_scores[:10], tmp_path / "x.png")
