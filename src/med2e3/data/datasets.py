@@ -33,11 +33,9 @@ and one assistant turn) are rejected for now. ``question_type``, ``answer_letter
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import json
 import os
-import tempfile
 import warnings
 import zlib
 from collections import Counter
@@ -47,6 +45,7 @@ from pathlib import Path
 from typing import Any, Literal, get_args
 
 from med2e3.errors import DatasetError
+from med2e3.files import atomic_path
 
 Task = Literal["caption", "report", "vqa_open", "vqa_closed"]
 Orientation = Literal["axial", "acquisition"]
@@ -684,24 +683,15 @@ def write_conversations(examples: Iterable[Example], jsonl_path: str | Path) -> 
     ids raise :class:`DatasetError`; on any error the target file is left untouched.
     """
     path = Path(os.path.abspath(Path(jsonl_path).expanduser()))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            seen: set[str] = set()
-            for n, example in enumerate(examples, start=1):
-                if example.id in seen:
-                    raise DatasetError(path, f"duplicate id {example.id!r}", row=n)
-                seen.add(example.id)
-                f.write(json.dumps(example_to_record(example, path.parent), ensure_ascii=False) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    with atomic_path(path) as tmp, tmp.open("w", encoding="utf-8") as f:
+        seen: set[str] = set()
+        for n, example in enumerate(examples, start=1):
+            if example.id in seen:
+                raise DatasetError(path, f"duplicate id {example.id!r}", row=n)
+            seen.add(example.id)
+            f.write(json.dumps(example_to_record(example, path.parent), ensure_ascii=False) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
     return path
 
 

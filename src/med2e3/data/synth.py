@@ -23,7 +23,6 @@ import io
 import json
 import math
 import multiprocessing as mp
-import os
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -34,7 +33,9 @@ import nibabel as nib
 import numpy as np
 from tqdm import tqdm
 
+from med2e3.data.datasets import VQA_COLUMNS, VQA_OPTIONAL_COLUMNS
 from med2e3.errors import ConfigError
+from med2e3.files import write_atomic
 
 __all__ = [
     "SynthConfig",
@@ -73,18 +74,7 @@ ORGANS: tuple[str, ...] = (
 STRUCTURES: tuple[str, ...] = ORGANS + ("spine", "aorta", "iliac arteries")
 STRUCTURE_ID: dict[str, int] = {name: i + 1 for i, name in enumerate(STRUCTURES)}
 #: Columns of the VQA CSVs: the M3D-VQA columns plus ``Relevant Slices``.
-VQA_HEADER: tuple[str, ...] = (
-    "Image Path",
-    "Question Type",
-    "Question",
-    "Choice A",
-    "Choice B",
-    "Choice C",
-    "Choice D",
-    "Answer",
-    "Answer Choice",
-    "Relevant Slices",
-)
+VQA_HEADER: tuple[str, ...] = VQA_COLUMNS + VQA_OPTIONAL_COLUMNS
 SPLITS: tuple[str, ...] = ("train", "validation", "test")
 
 _ORGAN_REGION = {
@@ -1145,14 +1135,6 @@ def _caption(rng: np.random.Generator, labels: dict[str, Any]) -> str:
 # Benchmark writer
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    """Write via a temporary file in the same folder and os.replace: never a truncated file."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
-
-
 def _nifti_bytes(volume: np.ndarray, affine: np.ndarray) -> bytes:
     """Deterministic .nii.gz bytes (int16, qform = sform = affine, mm units)."""
     img = nib.Nifti1Image(volume.astype(np.int16), affine)
@@ -1195,10 +1177,10 @@ def _run_task(task: _Task) -> dict[str, Any]:
     }
     questions = _questions(rng, labels)
     text = _caption(rng, labels)
-    _atomic_write(out / image, _nifti_bytes(volume, affine))
-    _atomic_write(out / caption, (text + "\n").encode())
+    write_atomic(out / image, _nifti_bytes(volume, affine))
+    write_atomic(out / caption, (text + "\n").encode())
     record = {"fingerprint": task.fingerprint, "labels": labels, "questions": questions}
-    _atomic_write(_record_path(out, task.case_id), json.dumps(record).encode())  # written last: marks "done"
+    write_atomic(_record_path(out, task.case_id), json.dumps(record).encode())  # written last: marks "done"
     return record
 
 
@@ -1325,17 +1307,17 @@ def _write_index(
         "readme": out / "README.md",
         **{f"vqa_{s}": out / f"M3D_VQA_{s}.csv" for s in SPLITS},
     }
-    _atomic_write(paths["cap"], json.dumps(cap, indent=1).encode())
+    write_atomic(paths["cap"], json.dumps(cap, indent=1).encode())
     for s in SPLITS:
         buf = io.StringIO()
         writer = csv.writer(buf, lineterminator="\n")
         writer.writerow(VQA_HEADER)
         writer.writerows(rows[s])
-        _atomic_write(paths[f"vqa_{s}"], buf.getvalue().encode())
-    _atomic_write(paths["labels"], "".join(json.dumps(r["labels"]) + "\n" for r in records).encode())
+        write_atomic(paths[f"vqa_{s}"], buf.getvalue().encode())
+    write_atomic(paths["labels"], "".join(json.dumps(r["labels"]) + "\n" for r in records).encode())
     counts = {s: len(cap[s]) for s in SPLITS}
     questions = {s: len(rows[s]) for s in SPLITS}
-    _atomic_write(paths["readme"], _readme(seed, cfg, splits, counts, questions).encode())
+    write_atomic(paths["readme"], _readme(seed, cfg, splits, counts, questions).encode())
     return {
         "out_dir": str(out),
         "n_volumes": len(records),

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -24,6 +22,7 @@ from med2e3.data.io import load_volume
 from med2e3.data.processor import Med2E3Processor
 from med2e3.data.transforms import augment, build_augmentation, prepare_volume
 from med2e3.errors import ConfigError, DatasetError
+from med2e3.files import atomic_path
 from med2e3.training.config import DataSource
 
 
@@ -81,10 +80,8 @@ class VolumeCache:
         if file.is_file():
             return torch.load(file, weights_only=True).float()
         tensor = self._prepare(path, orientation).half()
-        fd, tmp = tempfile.mkstemp(dir=self.directory, suffix=".tmp")
-        os.close(fd)
-        torch.save(tensor, tmp)
-        os.replace(tmp, file)  # atomic: a reader never sees half a file
+        with atomic_path(file) as tmp:  # a reader never sees half a file
+            torch.save(tensor, tmp)
         return tensor.float()  # the same values a later, cached read gives
 
     def _prepare(self, path: Path, orientation: str) -> torch.Tensor:

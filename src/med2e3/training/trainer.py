@@ -12,7 +12,6 @@ import json
 import os
 import re
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +21,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
 from med2e3.config import Med2E3Config
 from med2e3.data.processor import Med2E3Processor
 from med2e3.errors import ConfigError
+from med2e3.files import write_atomic
 from med2e3.model import Med2E3ForConditionalGeneration
 from med2e3.training.config import TrainConfig, config_to_dict
 from med2e3.training.data import Collator, VolumeCache, VolumeTextDataset, load_examples
@@ -106,15 +106,6 @@ def last_complete_checkpoint(output_dir: Path) -> Path | None:
     return max(found)[1] if found else None
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 class CheckpointCallback(TrainerCallback):
     """After each checkpoint save: add the processor files and the completion marker (written last)."""
 
@@ -126,7 +117,7 @@ class CheckpointCallback(TrainerCallback):
             folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
             if folder.is_dir():
                 self.processor.save_pretrained(folder)
-                _write_atomic(folder / COMPLETE_MARKER, f"{state.global_step}\n")
+                write_atomic(folder / COMPLETE_MARKER, f"{state.global_step}\n")
 
 
 class EpochCallback(TrainerCallback):
@@ -252,7 +243,7 @@ def train(config: TrainConfig) -> Path:
             "resumed_from": None if resume is None else resume.name,
             "config": config_to_dict(config),
         }
-        _write_atomic(output_dir / TRAINING_INFO, json.dumps(info, indent=2) + "\n")  # last: marks completion
+        write_atomic(output_dir / TRAINING_INFO, json.dumps(info, indent=2) + "\n")  # last: marks completion
     return output_dir
 
 
