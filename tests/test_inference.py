@@ -145,3 +145,14 @@ def test_figure_is_a_sensible_png(predictor, volume_path, tmp_path):
     assert pixels.std() > 10  # not a blank image
     with pytest.raises(ValueError, match="scores"):
         plot_slice_scores(loaded.pixel_values[0], answer.slice_scores[:10], tmp_path / "x.png")
+
+
+def test_stream_raises_a_generation_error_instead_of_hanging(predictor, volume_path, monkeypatch):
+    predictor.load(volume_path)
+
+    def broken(**kwargs):
+        raise RuntimeError("generation failed")
+
+    monkeypatch.setattr(predictor.model, "generate", broken)
+    with pytest.raises(RuntimeError, match="generation failed"):
+        list(predictor.stream(QUESTIONS[0], max_new_tokens=4, timeout=30))

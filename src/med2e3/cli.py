@@ -10,6 +10,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 from med2e3.errors import Med2E3Error
+from med2e3.server import register as register_server
 
 EXIT_USAGE = 2
 
@@ -205,6 +206,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/demo", help="output folder (default runs/demo); reruns resume")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--volumes", type=int, default=400, help="synthetic volumes to generate (default 400)")
+
+    register_server(sub)
 
     data = sub.add_parser("data", help="dataset tools").add_subparsers(dest="data_command", required=True)
     p = data.add_parser(

@@ -228,19 +228,34 @@ class Med2E3Predictor:
         generation.setdefault("max_new_tokens", 256)
         return self.ask(REPORT_INSTRUCTIONS[0], **generation)
 
-    def stream(self, question: str, max_new_tokens: int = 64) -> Iterator[str]:
-        """Yield the answer's text piece by piece as it is generated (greedy)."""
+    def stream(self, question: str, max_new_tokens: int = 64, timeout: float = 120.0) -> Iterator[str]:
+        """Yield the answer's text piece by piece as it is generated (greedy).
+
+        An error inside generation is raised here, not left hanging; ``timeout`` bounds the wait for
+        each piece.
+        """
         loaded = self._loaded()
         inputs = self._inputs([question])
-        streamer = TextIteratorStreamer(self.processor.tokenizer, skip_prompt=True, skip_special_tokens=True)
-        kwargs = self._generation_kwargs(max_new_tokens, False)
-        thread = Thread(
-            target=self.model.generate,
-            kwargs={**inputs, "volume_encoding": loaded.encoding, "streamer": streamer, **kwargs},
+        streamer = TextIteratorStreamer(
+            self.processor.tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=timeout
         )
+        kwargs = {**inputs, "volume_encoding": loaded.encoding, "streamer": streamer}
+        kwargs.update(self._generation_kwargs(max_new_tokens, False))
+        failure: list[BaseException] = []
+
+        def run() -> None:
+            try:
+                self.model.generate(**kwargs)
+            except BaseException as err:  # handed to the consumer below
+                failure.append(err)
+                streamer.end()
+
+        thread = Thread(target=run, daemon=True)
         thread.start()
         yield from streamer
         thread.join()
+        if failure:
+            raise failure[0]
 
     def slice_scores(self, question: str) -> list[float] | None:
         """TG-IS scores of ``question`` on the loaded volume, without generating an answer."""

@@ -1,0 +1,120 @@
+"""Helpers for the server tests: volumes in each upload format, and a live server on loopback."""
+
+from __future__ import annotations
+
+import contextlib
+import gzip
+import io
+import socket
+import threading
+import time
+import zipfile
+from collections.abc import Iterator
+
+import nibabel as nib
+import numpy as np
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+
+from med2e3.data.synth import SynthConfig, case_rng, generate_volume
+from med2e3.inference import Med2E3Predictor
+from med2e3.server import ServerSettings, create_app
+
+# ---- volumes ----------------------------------------------------------------------------------------
+
+
+def synthetic_ct(shape: tuple[int, int, int] = (40, 96, 96), index: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """An axial synthetic CT: int16 HU in NIfTI voxel order (i, j, k) and its affine."""
+    cfg = SynthConfig(shape=shape, plane_probs={"axial": 1.0})
+    volume, affine, _ = generate_volume(case_rng(7, index), cfg)
+    return volume, affine
+
+
+def npy_bytes(shape: tuple[int, ...] = (1, 24, 40, 48), seed: int = 0) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, np.random.default_rng(seed).uniform(0, 1, shape).astype(np.float32))
+    return buffer.getvalue()
+
+
+def nifti_bytes(compress: bool = True) -> bytes:
+    volume, affine = synthetic_ct()
+    raw = nib.Nifti1Image(volume, affine).to_bytes()
+    return gzip.compress(raw) if compress else raw
+
+
+def dicom_file_bytes(image: np.ndarray, k: int, series: str, study: str, step: float = 2.5) -> bytes:
+    """One CT slice (uint16 stored, HU = stored - 1024) of an axial series."""
+    uid = generate_uid()
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = CTImageStorage
+    meta.MediaStorageSOPInstanceUID = uid
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, uid
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
+    ds.Modality = "CT"
+    ds.InstanceNumber = k + 1
+    ds.Rows, ds.Columns = image.shape
+    ds.PixelSpacing = [0.8, 0.8]
+    ds.SliceThickness = step
+    ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+    ds.ImagePositionPatient = [-40.0, -40.0, 100.0 + k * step]
+    ds.RescaleSlope, ds.RescaleIntercept = 1, -1024
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit = 16, 16, 15
+    ds.PixelRepresentation = 0
+    ds.PixelData = image.astype(np.uint16).tobytes()
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
+
+
+def dicom_zip_bytes(n_slices: int = 12, extra: dict[str, bytes] | None = None) -> bytes:
+    """A zipped axial DICOM series (in a subfolder, plus a non-DICOM readme that must be skipped)."""
+    rng = np.random.default_rng(0)
+    series, study = generate_uid(), generate_uid()
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
+        for k in range(n_slices):
+            image = rng.integers(900, 1300, size=(32, 40))
+            archive.writestr(f"series/IM{k:04d}", dicom_file_bytes(image, k, series, study))
+        archive.writestr("README.txt", "not DICOM")
+        for name, data in (extra or {}).items():
+            archive.writestr(name, data)
+    return buffer.getvalue()
+
+
+def upload(client: object, data: bytes, name: str = "volume.bin") -> object:
+    return client.post("/api/volumes", files={"file": (name, data)})  # type: ignore[attr-defined]
+
+
+# ---- a live server on loopback (for the browser test) ------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextlib.contextmanager
+def running_server(predictor: Med2E3Predictor, **settings: object) -> Iterator[str]:
+    """The app served by uvicorn on a free loopback port in a thread; yields its base URL."""
+    import uvicorn
+
+    app = create_app(predictor, ServerSettings(**settings), model_name="tiny")
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 20
+    while not server.started:
+        if time.monotonic() > deadline or not thread.is_alive():
+            raise RuntimeError("the test server did not start")
+        time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
