@@ -10,6 +10,7 @@ import csv
 import json
 import os
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -151,11 +152,19 @@ class Med2E3Predictor:
     @torch.no_grad()
     def load(self, volume: str | Path | np.ndarray | torch.Tensor | Volume) -> LoadedVolume:
         """Read, preprocess and encode a volume (once); later questions reuse the encoding."""
+        return self._encode(*self._prepare(volume))
+
+    def _prepare(self, volume: Any) -> tuple[Volume, torch.Tensor, list[tuple[int, int]]]:
+        """The CPU part of `load`: read and preprocess (batch mode runs it ahead, in a worker thread)."""
         vol = self.read(volume)
         size = tuple(self.model.config.vision3d_config.image_size)
-        pixel_values = prepare_volume(vol, size, window=self.window)[None].to(self.device)
+        pixel_values = prepare_volume(vol, size, window=self.window)[None]
+        return vol, pixel_values, source_slice_ranges(vol, self.model.config.num_slices, window=self.window)
+
+    @torch.no_grad()
+    def _encode(self, vol: Volume, pixel_values: torch.Tensor, ranges: list[tuple[int, int]]) -> LoadedVolume:
+        pixel_values = pixel_values.to(self.device)
         encoding = self.model.encode_volume(pixel_values.to(self.model.dtype))
-        ranges = source_slice_ranges(vol, self.model.config.num_slices, window=self.window)
         self.current = LoadedVolume(vol, pixel_values, encoding, ranges)
         return self.current
 
@@ -274,12 +283,14 @@ class Med2E3Predictor:
         out_path: str | Path,
         max_new_tokens: int = 64,
         progress: bool = True,
+        chunk_size: int = 16,
     ) -> int:
         """Answer (volume, question) rows into a JSONL, one line per row, resuming an interrupted run.
 
         Rows need ``volume`` and ``question`` (optional ``id``, ``prompt``); rows are grouped by volume so
-        each volume is encoded once. Lines already in ``out_path`` are kept and their ids skipped.
-        Returns the number of rows answered now.
+        each volume is encoded once, its questions are answered ``chunk_size`` at a time in one batched
+        generation, and the next volume is read and preprocessed while the current one is answered. Lines
+        already in ``out_path`` are kept and their ids skipped. Returns the number of rows answered now.
         """
         out_path = Path(out_path)
         done = completed_ids(out_path)
@@ -287,20 +298,28 @@ class Med2E3Predictor:
         by_volume: dict[str, list[dict[str, str]]] = {}
         for row in todo:
             by_volume.setdefault(row["volume"], []).append(row)
+        volumes = list(by_volume)
         out_path.parent.mkdir(parents=True, exist_ok=True)
         bar = tqdm(total=len(todo), disable=not progress, desc="answering", unit="q")
-        with out_path.open("a", encoding="utf-8") as out:
-            for volume, group in by_volume.items():
-                self.load(volume)
-                for row in group:
-                    answer = self.ask(
-                        row["question"], row.get("prompt") or None, max_new_tokens=max_new_tokens
+        with out_path.open("a", encoding="utf-8") as out, ThreadPoolExecutor(max_workers=1) as reader:
+            ahead = reader.submit(self._prepare, volumes[0]) if volumes else None
+            for i, volume in enumerate(volumes):
+                prepared = ahead.result()
+                ahead = reader.submit(self._prepare, volumes[i + 1]) if i + 1 < len(volumes) else None
+                self._encode(*prepared)
+                group = by_volume[volume]
+                for start in range(0, len(group), chunk_size):
+                    chunk = group[start : start + chunk_size]
+                    answers = self.ask_many(
+                        [r["question"] for r in chunk],
+                        [r.get("prompt") or r["question"] for r in chunk],
+                        max_new_tokens=max_new_tokens,
                     )
-                    record = {"id": row["id"], "volume": volume, **answer.to_dict()}
-                    out.write(json.dumps(record) + "\n")
+                    for row, answer in zip(chunk, answers, strict=True):
+                        out.write(json.dumps({"id": row["id"], "volume": volume, **answer.to_dict()}) + "\n")
                     out.flush()
                     os.fsync(out.fileno())
-                    bar.update()
+                    bar.update(len(chunk))
         bar.close()
         return len(todo)
 

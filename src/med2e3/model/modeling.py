@@ -249,7 +249,13 @@ class Med2E3ForConditionalGeneration(Med2E3PreTrainedModel, GenerationMixin):
                 volume_encoding, question_input_ids, question_attention_mask
             )
         if inputs_embeds is None:
-            if image_embeds is None and (cache is None or cache.get_seq_length() == 0):
+            # skipped under torch.compile (decode steps): a static cache's length is a tensor, and the check
+            # would split the compiled graph at every step
+            if (
+                image_embeds is None
+                and not torch.compiler.is_compiling()
+                and (cache is None or cache.get_seq_length() == 0)
+            ):
                 if (input_ids == self.config.image_token_id).any():
                     raise InputError("input_ids contain image tokens but no volume was given (pixel_values)")
             inputs_embeds = self.get_input_embeddings()(input_ids)

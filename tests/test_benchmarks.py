@@ -1,0 +1,100 @@
+"""Smoke test of benchmarks/: each entry point runs at the smallest sizes, prints JSON records with the
+expected keys, and the optimised and naive paths agree (greedy tokens, TG-IS scores). No timing asserts."""
+
+from __future__ import annotations
+
+import json
+import math
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+STATS = {"median_ms", "min_ms", "max_ms", "repeats"}
+DRY_RUN = ["--device", "cpu", "--preset", "tiny", "--quick", "--threads", "1"]
+
+
+@pytest.fixture
+def bench_modules(monkeypatch):
+    monkeypatch.syspath_prepend(str(REPO))
+    monkeypatch.delenv("OUT", raising=False)  # records go to stdout only
+    threads = torch.get_num_threads()
+    from benchmarks import gpu_paper, inference, training
+
+    yield inference, training, gpu_paper
+    torch.set_num_threads(threads)
+    signal.alarm(0)
+
+
+def records(capsys) -> dict[str, list[dict]]:
+    """The printed JSON lines, grouped by record name (every stdout line must be JSON)."""
+    by_name: dict[str, list[dict]] = {}
+    for line in capsys.readouterr().out.splitlines():
+        record = json.loads(line)
+        by_name.setdefault(record["name"], []).append(record)
+    return by_name
+
+
+def check_comparison(record: dict) -> None:
+    assert STATS <= record["naive"].keys() and STATS <= record["optimised"].keys()
+    assert "speedup" in record
+
+
+def test_inference_benchmark_paths_agree(bench_modules, capsys):
+    inference = bench_modules[0]
+    inference.main(["--quick", "--threads", "1"])
+    out = records(capsys)
+    assert out["machine"][0]["preset"] == "tiny"
+    assert {r["section"] for r in out["section_done"]} == set(inference.SECTIONS)
+
+    eq = out["equivalence"][0]
+    assert eq["tokens_equal"] is True and eq["max_score_abs_diff"] < 1e-5
+    for record in out["questions"]:
+        check_comparison(record)
+        assert STATS <= record["cached"].keys()
+        assert record["answers_equal"] is True and record["max_score_abs_diff"] < 1e-5
+    assert [r["n_questions"] for r in out["questions"]] == [1, 2]
+    for record in out["batch_answer"] + out["batch_encode"] + out["encode2d"] + out["prefill"]:
+        check_comparison(record)
+    assert all(r["answers_equal"] for r in out["batch_answer"])
+    assert out["encode2d"][0]["max_abs_diff"] < 1e-4
+    assert out["prefill"][0]["logits_max_abs_diff"] < 1e-4
+    assert out["preprocess"][0]["outputs_equal"] is True
+    check_comparison(out["batch_mode"][0])
+    assert out["batch_mode"][0]["answers_equal"] is True
+
+    decode = out["decode"][0]
+    assert decode["tokens_equal"] is True
+    assert set(decode["variants"]) == {"dynamic", "static"}
+    assert STATS <= decode["variants"]["static"]["ms_per_token"].keys()
+    assert [r["depth"] for r in out["depth"]] == [32, 64]
+    assert out["depth"][1]["image_tokens"] > out["depth"][0]["image_tokens"]
+    assert {"encode", "tgis", "prefill", "answer"} <= out["depth"][0].keys()
+
+
+def test_training_benchmark_steps(bench_modules, capsys):
+    training = bench_modules[1]
+    training.main(["--quick", "--threads", "1"])
+    out = records(capsys)
+    steps = out["train_step"]
+    assert {(r["stage"], r["variant"]) for r in steps} == {
+        (stage, variant) for stage in ("pretrain", "finetune") for variant in training.VARIANTS
+    }
+    for record in steps:
+        assert STATS <= record["step"].keys()
+        assert record["samples_per_s"] > 0 and record["peak_memory_mb"] > 0
+        assert math.isfinite(record["loss"]) and record["trainable_reached"] == 1.0
+    assert {r["stage"] for r in out["train_compare"]} == {"pretrain", "finetune"}
+
+
+def test_gpu_script_dry_run_on_cpu(bench_modules, capsys):
+    gpu_paper = bench_modules[2]
+    gpu_paper.main([*DRY_RUN, "--only", "encoders,prefill,pretrain"])
+    out = records(capsys)
+    assert out["machine"][0]["preset"] == "tiny" and out["machine"][0]["parameters"] > 0
+    assert {"encode2d", "encode_plus_prefill", "train_step", "done"} <= out.keys()
+    assert "flops" in out["encode_plus_prefill"][0] and "achieved_tflops" in out["train_step"][0]
+    gpu_paper.main([*DRY_RUN, "--only", "questions", "--time-limit", "5"])
+    assert "skipped" in records(capsys)["questions"][0]
