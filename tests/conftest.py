@@ -43,3 +43,18 @@ def make_dataset(root: Path, n: int = 8, seed: int = 0) -> Path:
 @pytest.fixture
 def tiny_dataset(tmp_path: Path) -> Path:
     return make_dataset(tmp_path / "data")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random-weight model folder with its processor (answers are gibberish, but real)."""
+    import torch
+
+    from med2e3 import Med2E3Config, Med2E3ForConditionalGeneration, Med2E3Processor
+
+    folder = tmp_path_factory.mktemp("tiny-model")
+    torch.manual_seed(0)
+    config = Med2E3Config.from_preset("tiny")
+    Med2E3ForConditionalGeneration(config).save_pretrained(folder)
+    Med2E3Processor.for_config(config).save_pretrained(folder)
+    return folder

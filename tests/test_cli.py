@@ -7,20 +7,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
-from med2e3 import Med2E3Config, Med2E3ForConditionalGeneration, Med2E3Processor
 from med2e3.cli import build_parser, main
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> Path:
-    d = tmp_path_factory.mktemp("model")
-    torch.manual_seed(0)
-    config = Med2E3Config.from_preset("tiny")
-    Med2E3ForConditionalGeneration(config).save_pretrained(d)
-    Med2E3Processor.for_config(config).save_pretrained(d)
-    return d
+def model_dir(tiny_model_dir) -> Path:
+    return tiny_model_dir
 
 
 @pytest.fixture(scope="module")

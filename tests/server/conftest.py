@@ -6,10 +6,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-import torch
 from server_helpers import running_server
 
-from med2e3 import Med2E3Config, Med2E3ForConditionalGeneration, Med2E3Processor
 from med2e3.inference import Med2E3Predictor
 from med2e3.server import ServerSettings, create_app
 
@@ -18,14 +16,8 @@ FAST = {"max_new_tokens": 8, "report_max_new_tokens": 8}
 
 
 @pytest.fixture(scope="session")
-def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tiny random-weight model folder (answers are gibberish, but real)."""
-    folder = tmp_path_factory.mktemp("tiny-model")
-    torch.manual_seed(0)
-    config = Med2E3Config.from_preset("tiny")
-    Med2E3ForConditionalGeneration(config).save_pretrained(folder)
-    Med2E3Processor.for_config(config).save_pretrained(folder)
-    return folder
+def model_dir(tiny_model_dir: Path) -> Path:
+    return tiny_model_dir
 
 
 @pytest.fixture(scope="session")
