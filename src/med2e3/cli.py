@@ -10,6 +10,8 @@ import sys
 from collections.abc import Callable, Sequence
 
 from med2e3.errors import Med2E3Error
+from med2e3.evaluation.ablation import register as register_ablation
+from med2e3.evaluation.runner import register as register_eval
 from med2e3.server import register as register_server
 
 EXIT_USAGE = 2
@@ -208,6 +210,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--volumes", type=int, default=400, help="synthetic volumes to generate (default 400)")
 
     register_server(sub)
+    register_eval(sub)
+    register_ablation(sub)
 
     data = sub.add_parser("data", help="dataset tools").add_subparsers(dest="data_command", required=True)
     p = data.add_parser(

@@ -1,0 +1,519 @@
+"""Evaluate a model on a dataset: answer its examples (resumably), then score the answers against them.
+
+* :func:`predict_examples` answers dataset :class:`~med2e3.data.datasets.Example` items through
+  :meth:`Med2E3Predictor.run_batch` (a JSONL, resumable), reading each volume with its example's
+  orientation.
+* :func:`evaluate` matches the predictions to the examples **by id** and scores them per task: closed
+  VQA accuracy (per question type and overall), open VQA and report generation (BLEU-1, ROUGE-1,
+  METEOR, optional BERTScore), and TG-IS attention quality (mass of the slice scores on the relevant
+  slices, next to what uniform weights give).
+* :func:`register` adds the ``med2e3 eval`` subcommand.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import statistics
+import tempfile
+from collections import defaultdict
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from med2e3.data.datasets import (
+    ORIENTATIONS,
+    QUESTION_TYPES,
+    Example,
+    read_conversations,
+    read_m3d_cap,
+    read_m3d_vqa,
+)
+from med2e3.errors import DatasetError
+from med2e3.evaluation.metrics import METRIC_NAMES, closed_vqa_accuracy, score_texts
+
+#: Tokens generated per task unless told otherwise (closed answers are a letter and a choice).
+DEFAULT_MAX_NEW_TOKENS: dict[str, int] = {"vqa_closed": 8, "vqa_open": 32, "caption": 128, "report": 128}
+REPORT_TASKS: tuple[str, ...] = ("caption", "report")
+OVERALL = "overall"
+
+
+# ---------------------------------------------------------------------------------------- predict
+
+
+def predict_examples(
+    predictor: Any,
+    examples: Iterable[Example],
+    out_jsonl: str | Path,
+    max_new_tokens: int | Mapping[str, int] | None = None,
+    progress: bool = True,
+) -> int:
+    """Answer ``examples`` into ``out_jsonl`` with ``predictor.run_batch``; return how many were answered now.
+
+    TG-IS reads ``example.question``; the LLM sees ``example.prompt`` (e.g. with the choices). Volumes are
+    read with each example's orientation. ``max_new_tokens`` is one number or one per task (defaults:
+    :data:`DEFAULT_MAX_NEW_TOKENS`). Ids already in ``out_jsonl`` are skipped (resume).
+    """
+    examples = list(examples)
+    _check_unique_ids(examples, "examples")
+    budgets = _token_budgets(max_new_tokens)
+    groups: dict[tuple[str, int], list[dict[str, str]]] = defaultdict(list)
+    for ex in examples:
+        row = {"id": ex.id, "volume": str(ex.volume), "question": ex.question, "prompt": ex.prompt}
+        groups[(ex.orientation, budgets[ex.task])].append(row)
+    saved = predictor.orientation
+    answered = 0
+    try:
+        for (orientation, tokens), rows in sorted(groups.items()):
+            predictor.orientation = orientation
+            answered += predictor.run_batch(rows, out_jsonl, max_new_tokens=tokens, progress=progress)
+    finally:
+        predictor.orientation = saved
+    return answered
+
+
+def _token_budgets(max_new_tokens: int | Mapping[str, int] | None) -> dict[str, int]:
+    if isinstance(max_new_tokens, int):
+        return dict.fromkeys(DEFAULT_MAX_NEW_TOKENS, max_new_tokens)
+    return {**DEFAULT_MAX_NEW_TOKENS, **(max_new_tokens or {})}
+
+
+def _check_unique_ids(examples: Sequence[Example], what: str) -> None:
+    seen: set[str] = set()
+    for n, ex in enumerate(examples, start=1):
+        if ex.id in seen:
+            raise DatasetError(None, f"duplicate id {ex.id!r} in the {what}", row=n)
+        seen.add(ex.id)
+
+
+# ---------------------------------------------------------------------------------------- read
+
+
+def read_predictions(path: str | Path) -> dict[str, dict[str, Any]]:
+    """Prediction rows of a ``run_batch`` JSONL by id; a broken line, a missing field or a repeated id raises."""
+    path = Path(path)
+    if not path.is_file():
+        raise DatasetError(path, "predictions file not found")
+    rows: dict[str, dict[str, Any]] = {}
+    with path.open(encoding="utf-8") as f:
+        for line_no, text in enumerate(f, start=1):
+            if not text.strip():
+                continue
+            try:
+                row = json.loads(text)
+            except json.JSONDecodeError as err:
+                raise DatasetError(
+                    path, f"not valid JSON ({err.msg}, column {err.colno})", row=line_no
+                ) from None
+            if not isinstance(row, dict) or not isinstance(row.get("id"), str) or "answer" not in row:
+                raise DatasetError(path, "each line needs a string 'id' and an 'answer'", row=line_no)
+            if row["id"] in rows:
+                raise DatasetError(path, f"id {row['id']!r} appears twice", row=line_no)
+            if not isinstance(row["answer"], str):
+                raise DatasetError(path, "'answer' must be a string", row=line_no)
+            rows[row["id"]] = row
+    return rows
+
+
+def _match(predictions: Mapping[str, dict[str, Any]], examples: Sequence[Example], path: Path) -> None:
+    """Raise unless predictions and examples have exactly the same ids (names a few of each difference)."""
+    want = {ex.id for ex in examples}
+    missing = [ex.id for ex in examples if ex.id not in predictions]
+    extra = [pid for pid in predictions if pid not in want]
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} example id(s) have no prediction: {_few(missing)}")
+    if extra:
+        problems.append(f"{len(extra)} prediction id(s) are not in the dataset: {_few(extra)}")
+    if problems:
+        raise DatasetError(path, "; ".join(problems))
+
+
+def _few(ids: Sequence[str], n: int = 5) -> str:
+    shown = ", ".join(repr(i) for i in ids[:n])
+    return shown + (f" (+{len(ids) - n} more)" if len(ids) > n else "")
+
+
+def _check_example(ex: Example, row: int) -> None:
+    if ex.answer is None:
+        raise DatasetError(None, f"example {ex.id!r} has no reference answer", row=row)
+    if ex.question_type is not None and ex.question_type not in QUESTION_TYPES:
+        raise DatasetError(
+            None,
+            f"example {ex.id!r}: unknown question type {ex.question_type!r} (known: {list(QUESTION_TYPES)})",
+            row=row,
+        )
+    if ex.task == "vqa_closed" and not ex.answer_letter:
+        raise DatasetError(None, f"closed question {ex.id!r} has no answer letter", row=row)
+
+
+# ---------------------------------------------------------------------------------------- report
+
+
+@dataclass
+class TextSection:
+    """Text metrics of one task: means overall and per question type, and what was not computed."""
+
+    n: int
+    means: dict[str, float]
+    per_type: dict[str, dict[str, float]] = field(default_factory=dict)
+    counts: dict[str, int] = field(default_factory=dict)
+    not_computed: dict[str, str] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "n": self.n,
+            "means": self.means,
+            "per_type": self.per_type,
+            "counts": self.counts,
+            "not_computed": self.not_computed,
+        }
+
+
+@dataclass
+class AttentionSection:
+    """TG-IS attention: mean mass of the slice scores on the relevant slices vs. uniform weights, per type."""
+
+    mass: dict[str, float]
+    uniform: dict[str, float]
+    counts: dict[str, int]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"mass": self.mass, "uniform": self.uniform, "counts": self.counts}
+
+
+@dataclass
+class EvalReport:
+    """Everything :func:`evaluate` measured; ``samples`` holds one dict of scores per example."""
+
+    n: int
+    closed: dict[str, Any] | None
+    open: TextSection | None
+    report: TextSection | None
+    attention: AttentionSection | None
+    attention_note: str | None
+    samples: list[dict[str, Any]]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "n": self.n,
+            "closed_vqa": self.closed,
+            "open_vqa": None if self.open is None else self.open.to_dict(),
+            "report_generation": None if self.report is None else self.report.to_dict(),
+            "attention": None if self.attention is None else self.attention.to_dict(),
+            "attention_note": self.attention_note,
+            "samples": self.samples,
+        }
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, ensure_ascii=False) + "\n"
+
+    def to_markdown(self) -> str:
+        """Tables: closed VQA per type, open VQA and report metrics, TG-IS attention per type."""
+        parts = [f"# Evaluation ({self.n} examples)\n"]
+        if self.closed is not None:
+            parts.append(_closed_markdown(self.closed))
+        for title, section in (("Open VQA", self.open), ("Report generation", self.report)):
+            if section is not None:
+                parts.append(_text_markdown(title, section))
+        if self.attention is not None:
+            parts.append(_attention_markdown(self.attention))
+        elif self.attention_note:
+            parts.append(f"## TG-IS attention\n\n{self.attention_note}\n")
+        return "\n".join(parts)
+
+    def write(self, json_path: str | Path | None = None, markdown_path: str | Path | None = None) -> None:
+        """Write the JSON and/or Markdown atomically."""
+        if json_path is not None:
+            write_atomic(json_path, self.to_json())
+        if markdown_path is not None:
+            write_atomic(markdown_path, self.to_markdown())
+
+
+def write_atomic(path: str | Path, text: str) -> Path:
+    """Write ``text`` to a temporary file next to ``path``, then move it into place."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def _type_order(types: Iterable[str]) -> list[str]:
+    types = list(types)
+    known = [t for t in QUESTION_TYPES if t in types]
+    return known + sorted(t for t in types if t not in QUESTION_TYPES)
+
+
+def _closed_markdown(closed: dict[str, Any]) -> str:
+    lines = ["## Closed VQA (accuracy)\n", "| question type | n | accuracy |", "|---|---|---|"]
+    for qtype in _type_order(closed["per_type"]):
+        lines.append(f"| {qtype} | {closed['counts'][qtype]} | {closed['per_type'][qtype]:.4f} |")
+    lines.append(f"| **overall** | {closed['n']} | {closed['overall']:.4f} |")
+    lines.append(f"| mean of types | | {closed['mean_of_types']:.4f} |")
+    return "\n".join(lines) + "\n"
+
+
+def _text_markdown(title: str, section: TextSection) -> str:
+    names = [m for m in METRIC_NAMES if m in section.means]
+    lines = [
+        f"## {title}\n",
+        "| question type | n | " + " | ".join(names) + " |",
+        "|---|---|" + "---|" * len(names),
+    ]
+    for qtype in _type_order(section.per_type):
+        values = " | ".join(f"{section.per_type[qtype][m]:.4f}" for m in names)
+        lines.append(f"| {qtype} | {section.counts[qtype]} | {values} |")
+    values = " | ".join(f"{section.means[m]:.4f}" for m in names)
+    lines.append(f"| **overall** | {section.n} | {values} |")
+    notes = [f"- {name}: {why}" for name, why in section.not_computed.items()]
+    return "\n".join(lines + ([""] + notes if notes else [])) + "\n"
+
+
+def _attention_markdown(att: AttentionSection) -> str:
+    lines = [
+        "## TG-IS attention on the relevant slices\n",
+        "| question type | n | mass on relevant slices | uniform weights | ratio |",
+        "|---|---|---|---|---|",
+    ]
+    for qtype in [*_type_order(k for k in att.mass if k != OVERALL), OVERALL]:
+        if qtype in att.mass:
+            ratio = att.mass[qtype] / att.uniform[qtype] if att.uniform[qtype] else float("nan")
+            label = "**overall**" if qtype == OVERALL else qtype
+            lines.append(
+                f"| {label} | {att.counts[qtype]} | {att.mass[qtype]:.4f} | {att.uniform[qtype]:.4f} | {ratio:.2f} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------------------------- evaluate
+
+
+def evaluate(
+    predictions_jsonl: str | Path,
+    examples: Iterable[Example],
+    *,
+    nltk_data: str | Path | None = None,
+    bertscore_model: str | Path | None = None,
+) -> EvalReport:
+    """Score the predictions in ``predictions_jsonl`` against ``examples``, matched by id.
+
+    Raises :class:`~med2e3.errors.DatasetError` when the ids differ (both sides named), a line is
+    broken, or an example is unusable (no answer, unknown question type, closed without a letter).
+    """
+    path = Path(predictions_jsonl)
+    examples = list(examples)
+    if not examples:
+        raise DatasetError(None, "no examples to evaluate")
+    _check_unique_ids(examples, "examples")
+    for n, ex in enumerate(examples, start=1):
+        _check_example(ex, n)
+    predictions = read_predictions(path)
+    _match(predictions, examples, path)
+    samples = [_sample(ex, predictions[ex.id]) for ex in examples]
+    by_task: dict[str, list[int]] = defaultdict(list)
+    for i, ex in enumerate(examples):
+        by_task["report" if ex.task in REPORT_TASKS else ex.task].append(i)
+    closed = _closed(examples, samples, by_task.get("vqa_closed", []))
+    text_kwargs = {"nltk_data": nltk_data, "bertscore_model": bertscore_model}
+    open_section = _text(examples, samples, by_task.get("vqa_open", []), **text_kwargs)
+    report = _text(examples, samples, by_task.get("report", []), **text_kwargs)
+    attention, note = _attention(examples, samples)
+    return EvalReport(len(examples), closed, open_section, report, attention, note, samples)
+
+
+def _sample(ex: Example, row: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "id": ex.id,
+        "task": ex.task,
+        "question_type": ex.question_type,
+        "prediction": row["answer"],
+        "reference": ex.answer,
+        "slice_scores": row.get("slice_scores"),
+    }
+
+
+def _closed(
+    examples: Sequence[Example], samples: list[dict[str, Any]], idx: list[int]
+) -> dict[str, Any] | None:
+    if not idx:
+        return None
+    metrics = closed_vqa_accuracy(
+        [samples[i]["prediction"] for i in idx],
+        [examples[i].answer_letter or "" for i in idx],
+        [examples[i].question_type or "all" for i in idx],
+    )
+    for i, ok in zip(idx, metrics.correct, strict=True):
+        samples[i]["correct"] = ok
+    return metrics.to_dict()
+
+
+def _text(
+    examples: Sequence[Example], samples: list[dict[str, Any]], idx: list[int], **kwargs: Any
+) -> TextSection | None:
+    if not idx:
+        return None
+    scored = score_texts(
+        [samples[i]["prediction"] for i in idx], [examples[i].answer or "" for i in idx], **kwargs
+    )
+    by_type: dict[str, list[dict[str, float]]] = defaultdict(list)
+    for i, scores in zip(idx, scored.per_sample, strict=True):
+        samples[i].update(scores)
+        if examples[i].question_type is not None:
+            by_type[examples[i].question_type].append(scores)
+    per_type = {
+        t: {m: statistics.fmean(s[m] for s in rows) for m in scored.means} for t, rows in by_type.items()
+    }
+    counts = {t: len(rows) for t, rows in by_type.items()}
+    return TextSection(scored.n, dict(scored.means), per_type, counts, dict(scored.not_computed))
+
+
+def attention_mass(scores: Sequence[float], relevant: Iterable[int]) -> tuple[float, float]:
+    """(sum of ``scores`` over the relevant slice indices, the same sum for uniform weights 1/S)."""
+    indices = sorted(set(relevant))
+    if indices and indices[-1] >= len(scores):
+        raise DatasetError(None, f"relevant slice {indices[-1]} is outside the {len(scores)} slice scores")
+    return float(sum(scores[i] for i in indices)), len(indices) / len(scores)
+
+
+def _attention(
+    examples: Sequence[Example], samples: list[dict[str, Any]]
+) -> tuple[AttentionSection | None, str | None]:
+    labelled = [i for i, ex in enumerate(examples) if ex.relevant_slices]
+    if not labelled:
+        return None, "no example lists relevant slices"
+    groups: dict[str, list[tuple[float, float]]] = defaultdict(list)
+    scored = 0
+    for i in labelled:
+        scores = samples[i].get("slice_scores")
+        if scores is None:
+            continue
+        scored += 1
+        mass, uniform = attention_mass(scores, examples[i].relevant_slices or ())
+        samples[i]["attention_mass"], samples[i]["uniform_mass"] = mass, uniform
+        groups[examples[i].question_type or "untyped"].append((mass, uniform))
+        groups[OVERALL].append((mass, uniform))
+    if not scored:
+        return None, "the predictions carry no slice scores (a model with slice_aggregation='none')"
+    return (
+        AttentionSection(
+            mass={k: statistics.fmean(m for m, _ in v) for k, v in groups.items()},
+            uniform={k: statistics.fmean(u for _, u in v) for k, v in groups.items()},
+            counts={k: len(v) for k, v in groups.items()},
+        ),
+        None,
+    )
+
+
+# ---------------------------------------------------------------------------------------- datasets
+
+
+def load_dataset(
+    path: str | Path,
+    *,
+    split: str = "test",
+    form: str = "both",
+    orientation: str = "axial",
+    data_root: str | Path | None = None,
+    limit: int | None = None,
+) -> list[Example]:
+    """Examples of a dataset file: an M3D-VQA CSV, an M3D-Cap JSON (one ``split``) or a conversation JSONL."""
+    path = Path(path)
+    name = path.name.lower()
+    if name.endswith(".csv"):
+        reader = read_m3d_vqa(path, data_root, form, orientation=orientation)  # type: ignore[arg-type]
+    elif name.endswith(".jsonl"):
+        reader = read_conversations(path, data_root)
+    elif name.endswith(".json"):
+        reader = read_m3d_cap(path, split, data_root, orientation=orientation)  # type: ignore[arg-type]
+    else:
+        raise DatasetError(path, "unknown dataset format: expected .csv (M3D-VQA), .json (M3D-Cap) or .jsonl")
+    examples = list(reader)
+    return examples[:limit] if limit else examples
+
+
+# ---------------------------------------------------------------------------------------- CLI
+
+
+def _eval_command(args: argparse.Namespace) -> int:
+    examples = load_dataset(
+        args.dataset,
+        split=args.split,
+        form=args.form,
+        orientation=args.orientation,
+        data_root=args.data_root,
+        limit=args.limit,
+    )
+    if args.model:
+        from med2e3.inference import Med2E3Predictor
+
+        predictor = Med2E3Predictor.from_pretrained(args.model, device=args.device, window=args.window)
+        tokens = args.max_new_tokens if args.max_new_tokens is not None else None
+        n = predict_examples(predictor, examples, args.predictions, max_new_tokens=tokens)
+        print(f"{n} answers written to {args.predictions} ({len(examples) - n} were already there)")
+    report = evaluate(
+        args.predictions, examples, nltk_data=args.nltk_data, bertscore_model=args.bertscore_model
+    )
+    report.write(args.out, args.markdown)
+    print(report.to_markdown())
+    for path in (args.out, args.markdown):
+        if path:
+            print(f"written to {path}")
+    return 0
+
+
+def register(subparsers: Any) -> argparse.ArgumentParser:
+    """Add ``med2e3 eval`` to the CLI's subparsers; returns its parser."""
+    p = subparsers.add_parser(
+        "eval",
+        help="score predictions (a batch JSONL) against a dataset, optionally predicting them first",
+        description="Score predictions against a dataset, matched by id: closed-VQA accuracy per question "
+        "type, open-VQA and report BLEU-1/ROUGE-1/METEOR (BERTScore with a local model), and TG-IS "
+        "attention on the relevant slices. With --model the predictions are produced first (resumable).",
+        epilog="example: med2e3 eval preds.jsonl --dataset data/synth/M3D_VQA_test.csv --form closed "
+        "--orientation acquisition --model runs/demo/model --out report.json --markdown report.md",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("predictions", help="JSONL of answers (from med2e3 batch / --model); rows matched by id")
+    p.add_argument(
+        "--dataset", required=True, help="M3D-VQA CSV, M3D-Cap JSON (with --split) or conversation JSONL"
+    )
+    p.add_argument("--split", default="test", help="M3D-Cap split (default test)")
+    p.add_argument("--form", choices=("closed", "open", "both"), default="both", help="M3D-VQA form")
+    p.add_argument(
+        "--orientation",
+        choices=ORIENTATIONS,
+        default="axial",
+        help="how volumes are read (the synthetic benchmark needs acquisition)",
+    )
+    p.add_argument("--data-root", help="folder the dataset's volume paths are relative to")
+    p.add_argument("--limit", type=int, help="first N examples only")
+    p.add_argument("--out", help="write the report JSON (every per-sample score) here")
+    p.add_argument("--markdown", help="write the Markdown tables here")
+    p.add_argument("--nltk-data", help="offline NLTK data folder for METEOR")
+    p.add_argument("--bertscore-model", help="a local model folder for BERTScore (e.g. roberta-large)")
+    g = p.add_argument_group("predicting first")
+    g.add_argument("--model", help="a med2e3 model folder: answer the dataset into PREDICTIONS first")
+    g.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
+    g.add_argument("--window", default="abdomen", help="CT window: abdomen, lung, bone, brain, minmax")
+    g.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=None,
+        help="one budget for all tasks (default: 8 closed, 32 open, 128 reports)",
+    )
+    p.set_defaults(handler=_eval_command)
+    return p
