@@ -54,6 +54,7 @@ def _stage(out: Path, data: Path, stage: str, budget: DemoBudget, seed: int) -> 
             "augment": False,
         },
         "seed": seed,
+        "train_question_encoder": True,  # random BERT: it must learn to tell questions apart
         "batch_size": budget.batch_size,
         "logging_steps": 25,
         "save_steps": 200,

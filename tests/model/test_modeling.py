@@ -233,6 +233,17 @@ def test_stage_freezing_and_gradient_to_question_projection():
     assert not any("post_layernorm" in n for n in finetune)  # unused: features are SigLIP hidden_states
     no_2d = {n.split(".")[0] for n in model.set_training_stage("finetune", train_vision2d=False)}
     assert "vision2d" not in no_2d
+    with_question = model.set_training_stage("pretrain", train_question_encoder=True)
+    assert {n.split(".")[0] for n in with_question} == {
+        "projector3d",
+        "projector2d",
+        "tgis",
+        "question_encoder",
+    }
+    model.train()
+    model(**batch).loss.backward()
+    grads = {n: p.grad for n, p in model.named_parameters() if n.startswith("question_encoder.pooler")}
+    assert all(g is not None and g.abs().sum() > 0 for g in grads.values())
     with pytest.raises(ValueError, match="unknown training stage"):
         model.set_training_stage("stage3")
 

@@ -327,11 +327,20 @@ class Med2E3ForConditionalGeneration(Med2E3PreTrainedModel, GenerationMixin):
         return out
 
     # ---- training stages --------------------------------------------------------------------------
-    def set_training_stage(self, stage: TrainingStage, train_vision2d: bool = True) -> list[str]:
-        """Freeze everything except the parts trained in ``stage``; return the trainable parameter names."""
+    def set_training_stage(
+        self, stage: TrainingStage, train_vision2d: bool = True, train_question_encoder: bool = False
+    ) -> list[str]:
+        """Freeze everything except the parts trained in ``stage``; return the trainable parameter names.
+
+        ``train_question_encoder`` also trains the TG-IS question encoder. The release keeps it frozen (it
+        is M3D-CLIP's pretrained BERT); a randomly initialised one must learn, or it maps every question to
+        nearly the same vector and TG-IS cannot tell questions apart.
+        """
         if stage not in STAGE_TRAINABLE:
             raise ValueError(f"unknown training stage {stage!r}; choose from {sorted(STAGE_TRAINABLE)}")
         parts = [p for p in STAGE_TRAINABLE[stage] if train_vision2d or p != "vision2d"]
+        if train_question_encoder:
+            parts.append("question_encoder")
         self.requires_grad_(False)
         for part in parts:
             module = getattr(self, part, None)

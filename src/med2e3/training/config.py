@@ -75,6 +75,7 @@ class TrainConfig:
     data: DataSection = field(default_factory=DataSection)
     lora: LoraSection = field(default_factory=LoraSection)
     train_vision2d: bool = True
+    train_question_encoder: bool = False  # the release freezes its pretrained BERT; a random one must learn
     seed: int = 0
     epochs: float = 1.0
     max_steps: int = -1

@@ -208,7 +208,11 @@ def train(config: TrainConfig) -> Path:
     eval_examples = load_examples(config.data.eval, config.data.on_error) if config.data.eval else []
     set_seed(config.seed)
     model, processor = build_model(config)
-    model.set_training_stage(config.stage, train_vision2d=config.train_vision2d)
+    model.set_training_stage(
+        config.stage,
+        train_vision2d=config.train_vision2d,
+        train_question_encoder=config.train_question_encoder,
+    )
     if config.lora.enabled:
         apply_lora(model, config)
     size = tuple(model.config.vision3d_config.image_size)
