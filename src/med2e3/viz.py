@@ -40,8 +40,8 @@ def plot_slice_scores(
         raise ValueError(f"{scores_arr.shape[0]} scores for a volume of {array.shape[0]} slices")
     top = np.argsort(scores_arr)[::-1][:top_k]
 
-    fig = plt.figure(figsize=(3.0 * top_k, 6.2), dpi=100)
-    grid = fig.add_gridspec(2, top_k, height_ratios=[1.0, 1.25], hspace=0.35)
+    fig = plt.figure(figsize=(3.0 * top_k, 7.0), dpi=100)
+    grid = fig.add_gridspec(2, top_k, height_ratios=[1.0, 1.25], hspace=0.6)
     curve = fig.add_subplot(grid[0, :])
     x = np.arange(len(scores_arr))
     curve.bar(x, scores_arr, color="#4c72b0", width=0.85)
