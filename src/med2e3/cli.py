@@ -105,7 +105,7 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="a med2e3 model folder (e.g. runs/demo/model)")
+    p.add_argument("--model", required=True, help="a med2e3 model folder (e.g. runs/demo/finetune)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     p.add_argument("--window", default="abdomen", help="CT window: abdomen, lung, bone, brain, minmax")
     p.add_argument("--max-new-tokens", type=int, default=64)
@@ -153,7 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
         sub,
         "ask",
         "answer a question about a volume (NIfTI, DICOM folder or .npy)",
-        'med2e3 ask scan.nii.gz "Which organ has a lesion?" --model runs/demo/model --plot slices.png',
+        'med2e3 ask scan.nii.gz "Which organ has a lesion?" --model runs/demo/finetune --plot slices.png',
         _ask,
     )
     p.add_argument("volume", help="a .nii/.nii.gz file, a DICOM series folder or a .npy")
@@ -166,7 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
         sub,
         "report",
         "write a findings report for a volume",
-        "med2e3 report scan.nii.gz --model runs/demo/model",
+        "med2e3 report scan.nii.gz --model runs/demo/finetune",
         _ask,
     )
     p.add_argument("volume")
@@ -179,7 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
         sub,
         "batch",
         "answer a CSV/JSONL of (volume, question) rows into a JSONL, resumably",
-        "med2e3 batch questions.csv --model runs/demo/model --out answers.jsonl",
+        "med2e3 batch questions.csv --model runs/demo/finetune --out answers.jsonl",
         _batch,
     )
     p.add_argument("input", help="CSV or JSONL with volume, question[, id, prompt]; paths relative to it")

@@ -101,7 +101,7 @@ class Med2E3Predictor:
 
     Example::
 
-        predictor = Med2E3Predictor.from_pretrained("runs/demo/model")
+        predictor = Med2E3Predictor.from_pretrained("runs/demo/finetune")
         predictor.load("scan.nii.gz")
         print(predictor.ask("Which organ has a lesion?").answer)
     """

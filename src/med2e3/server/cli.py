@@ -26,12 +26,12 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
         description="Start a local web app (upload a CT volume, browse slices, ask questions, see the "
         "TG-IS slice weights) and its REST API (schema at /api/openapi.json). Listens on 127.0.0.1 "
         "unless --host says otherwise; any other address requires a token.",
-        epilog="example: med2e3 serve --model runs/demo/model --port 8000\n"
+        epilog="example: med2e3 serve --model runs/demo/finetune --port 8000\n"
         f"on a network: {TOKEN_ENV}=$(python -c 'import secrets; print(secrets.token_hex(16))') "
-        "med2e3 serve --model runs/demo/model --host 0.0.0.0",
+        "med2e3 serve --model runs/demo/finetune --host 0.0.0.0",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--model", required=True, help="a med2e3 model folder (e.g. runs/demo/model)")
+    p.add_argument("--model", required=True, help="a med2e3 model folder (e.g. runs/demo/finetune)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
     p.add_argument(
