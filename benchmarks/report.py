@@ -191,6 +191,7 @@ def training(records: list[dict]) -> str:
 def render(records: list[dict]) -> str:
     """Every table that has records, each under a heading."""
     parts = []
+    measured = [r for r in records if "skipped" not in r]
     for title, fn, names in (
         ("Stages", stages, STAGES),
         ("Decode (batch 1)", decode, ("decode",)),
@@ -200,8 +201,8 @@ def render(records: list[dict]) -> str:
         ("Volume depth", depth, ("depth",)),
         ("Training step", training, ("train_step",)),
     ):
-        if any(r["name"] in names for r in records):
-            parts.append(f"#### {title}\n\n{fn(records)}\n")
+        if any(r["name"] in names for r in measured):
+            parts.append(f"#### {title}\n\n{fn(measured)}\n")
     for r in records:
         if r["name"] in ("equivalence", "error") or "skipped" in r:
             parts.append(f"- {json.dumps({k: v for k, v in r.items() if k not in ('bench', 'preset')})}")
