@@ -322,7 +322,9 @@ def build_model(
         with torch.no_grad():
             model.tgis.text_proj.weight.normal_(std=2.0)
             model.projector2d.linear_2.weight.normal_(std=1.0)
-    return model, Med2E3Processor.for_config(config)
+    processor = Med2E3Processor.for_config(config)
+    processor.max_length += config.num_image_tokens - bench_config(preset).num_image_tokens  # deeper: longer
+    return model, processor
 
 
 def prepared(model: Med2E3ForConditionalGeneration, seeds: Iterable[int], raw_shape: tuple[int, int, int]):
@@ -451,6 +453,7 @@ class Settings:
     compile_backend: str = "inductor"
     compile_mode: str | None = "reduce-overhead"
     train_batch: int = 4
+    train_batch_sizes: tuple[int, ...] = ()  # larger batches, SDPA variants only
     train_answer_tokens: int = 64
     train_steps: int = 3
 
@@ -473,6 +476,7 @@ class Settings:
                 compile_backend="eager",
                 compile_mode=None,
                 train_batch=2,
+                train_batch_sizes=(3,),
                 train_answer_tokens=8,
                 train_steps=1,
             )
@@ -486,6 +490,7 @@ class Settings:
                 workers=min(4, os.cpu_count() or 1),
                 compile=device.type == "cuda",
                 train_answer_tokens=128,
+                train_batch_sizes=(8, 16) if device.type == "cuda" else (),
             )
         return cls(workers=min(2, os.cpu_count() or 1))
 

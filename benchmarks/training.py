@@ -51,12 +51,13 @@ VARIANTS: dict[str, tuple[str, bool]] = {  # name: (attention, gradient checkpoi
     "naive": ("eager", True),
     "no_checkpointing": ("sdpa", False),
 }
+LARGE_BATCH_VARIANTS = ("optimised", "no_checkpointing")
 
 
-def training_batch(b: Bench) -> dict[str, torch.Tensor]:
-    """``train_batch`` samples, all with the same prompt length and ``train_answer_tokens`` answer tokens."""
+def training_batch(b: Bench, size: int) -> dict[str, torch.Tensor]:
+    """``size`` samples, all with the same prompt length and ``train_answer_tokens`` answer tokens."""
     s = b.settings
-    texts = [QUESTIONS[0]] * s.train_batch
+    texts = [QUESTIONS[0]] * size
     prompt = b.processor(texts[:1])["input_ids"].shape[1]
     words = CAPTION.split()
     answer = " ".join(words[i % len(words)] for i in range(4 * s.train_answer_tokens))
@@ -66,8 +67,8 @@ def training_batch(b: Bench) -> dict[str, torch.Tensor]:
         batch = b.processor(
             texts,
             questions=texts,
-            answers=[answer] * s.train_batch,
-            volumes=prepared(b.model, range(s.train_batch), s.raw_shape).cpu(),
+            answers=[answer] * size,
+            volumes=prepared(b.model, range(size), s.raw_shape).cpu(),
             padding_side="right",
         )
     finally:
@@ -110,31 +111,35 @@ def train_step(
 
 
 def bench_stage(b: Bench, stage: str) -> None:
-    """Time each variant's steps; record samples/s, peak memory and (on GPU) MFU."""
+    """Time each variant's steps at ``train_batch``, and the SDPA variants at each larger batch of
+    ``train_batch_sizes``; record samples/s, peak memory and (on GPU) MFU."""
     model = b.model
-    batch = training_batch(b)
-    flops = training_flops(model, stage, batch)
     model.set_training_stage(stage)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
-    # torch's default (foreach) AdamW, as the Trainer's adamw_torch; a tiny lr keeps random weights sane
-    optimizer = torch.optim.AdamW(params, lr=1e-6)
+    # AdamW as the Trainer's default optimizer (adamw_torch_fused); a tiny lr keeps random weights sane
+    optimizer = torch.optim.AdamW(params, lr=1e-6, fused=True)
     attention = model.config._attn_implementation
     try:
-        step = train_step(model, batch, optimizer)
-        step()  # allocates the optimizer state
-        with_grad = _params_reached(model, batch, params)
-        records = {}
-        for name, (attn, checkpointing) in VARIANTS.items():
-            _configure(model, attn, checkpointing)
-            try:
-                records[name] = _time_variant(b, step, flops, batch, params, with_grad, stage, name)
-            except torch.OutOfMemoryError:
-                optimizer.zero_grad(set_to_none=True)
-                release_memory(b.device)
-                b.emit("train_step", stage=stage, variant=name, error="out of memory")
-        if len(records) == len(VARIANTS):
-            b.emit("train_compare", stage=stage, **_ratios(records))
+        for size in (b.settings.train_batch, *b.settings.train_batch_sizes):
+            batch = training_batch(b, size)
+            flops = training_flops(model, stage, batch)
+            step = train_step(model, batch, optimizer)
+            step()  # allocates the optimizer state
+            with_grad = _params_reached(model, batch, params)
+            variants = VARIANTS if size == b.settings.train_batch else LARGE_BATCH_VARIANTS
+            records = {}
+            for name in variants:
+                _configure(model, *VARIANTS[name])
+                try:
+                    records[name] = _time_variant(b, step, flops, batch, params, with_grad, stage, name)
+                except torch.OutOfMemoryError:
+                    optimizer.zero_grad(set_to_none=True)
+                    release_memory(b.device)
+                    b.emit("train_step", stage=stage, variant=name, batch=size, error="out of memory")
+            if len(records) == len(VARIANTS):
+                b.emit("train_compare", stage=stage, **_ratios(records))
+            del batch, step
     finally:
         _configure(model, attention, False)
         model.eval().requires_grad_(False)

@@ -31,6 +31,7 @@ from med2e3.errors import ConfigError, DatasetError, InputError
 from med2e3.model import Med2E3ForConditionalGeneration, VolumeEncoding
 
 MAX_QUESTION_CHARS = 2000
+STATIC_CACHE_STEP = 256  # with compile=True, static KV caches come in multiples of this length
 
 
 @dataclass
@@ -112,12 +113,20 @@ class Med2E3Predictor:
         processor: Med2E3Processor,
         window: str = "abdomen",
         orientation: Orientation = "axial",
+        compile: bool = False,
     ):
+        """``compile``: `torch.compile` the encoders and decode with a static KV cache, which transformers
+        compiles on CUDA. Each new input shape compiles once (about 30 s for the paper preset on an
+        H200; docs/performance.md), then encoding and decoding run faster: worth it for a server or a
+        batch job, not for one question."""
         self.model = model.eval()
         self.processor = processor
         self.window = window
         self.orientation = orientation
+        self.compile = compile
         self.current: LoadedVolume | None = None
+        if compile:
+            self.model.compile_encoders()
 
     @classmethod
     def from_pretrained(
@@ -187,7 +196,9 @@ class Med2E3Predictor:
         batch = self.processor(list(prompts or questions), questions=list(questions), padding_side="left")
         return {k: v.to(self.device) for k, v in batch.items()}
 
-    def _generation_kwargs(self, max_new_tokens: int, do_sample: bool, **sampling: Any) -> dict[str, Any]:
+    def _generation_kwargs(
+        self, prompt_tokens: int, max_new_tokens: int, do_sample: bool, **sampling: Any
+    ) -> dict[str, Any]:
         tok = self.processor.tokenizer
         kwargs: dict[str, Any] = {
             "max_new_tokens": max_new_tokens,
@@ -196,6 +207,10 @@ class Med2E3Predictor:
             "pad_token_id": tok.pad_token_id,
             "return_dict_in_generate": True,
         }
+        if self.compile:  # cache lengths in steps of STATIC_CACHE_STEP, so most calls reuse one graph
+            length = prompt_tokens + max_new_tokens
+            kwargs["cache_implementation"] = "static"
+            kwargs["max_cache_len"] = -(-length // STATIC_CACHE_STEP) * STATIC_CACHE_STEP
         if do_sample:
             kwargs.update(sampling)
         return kwargs
@@ -219,7 +234,7 @@ class Med2E3Predictor:
         out = self.model.generate(
             **inputs,
             volume_encoding=loaded.encoding.expand(len(questions)),
-            **self._generation_kwargs(max_new_tokens, do_sample, **sampling),
+            **self._generation_kwargs(inputs["input_ids"].shape[1], max_new_tokens, do_sample, **sampling),
         )
         texts = self.processor.batch_decode(out.sequences[:, inputs["input_ids"].shape[1] :])
         scores = None if out.slice_scores is None else out.slice_scores.float().cpu().tolist()
@@ -249,7 +264,7 @@ class Med2E3Predictor:
             self.processor.tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=timeout
         )
         kwargs = {**inputs, "volume_encoding": loaded.encoding, "streamer": streamer}
-        kwargs.update(self._generation_kwargs(max_new_tokens, False))
+        kwargs.update(self._generation_kwargs(inputs["input_ids"].shape[1], max_new_tokens, False))
         failure: list[BaseException] = []
 
         def run() -> None:
