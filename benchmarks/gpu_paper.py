@@ -42,7 +42,7 @@ PLAN: tuple[tuple[str, float], ...] = (
     ("depth", 45),
     ("batch_mode", 60),
     ("preprocess", 25),
-    ("compiled", 150),  # last: it leaves the encoders compiled
+    ("compiled", 150),
 )
 SECTIONS: dict[str, Callable[[Bench], None]] = {
     **inference.SECTIONS,

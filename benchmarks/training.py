@@ -122,29 +122,44 @@ def bench_stage(b: Bench, stage: str) -> None:
     attention = model.config._attn_implementation
     try:
         for size in (b.settings.train_batch, *b.settings.train_batch_sizes):
-            batch = training_batch(b, size)
-            flops = training_flops(model, stage, batch)
-            step = train_step(model, batch, optimizer)
-            step()  # allocates the optimizer state
-            with_grad = _params_reached(model, batch, params)
-            variants = VARIANTS if size == b.settings.train_batch else LARGE_BATCH_VARIANTS
-            records = {}
-            for name in variants:
-                _configure(model, *VARIANTS[name])
-                try:
-                    records[name] = _time_variant(b, step, flops, batch, params, with_grad, stage, name)
-                except torch.OutOfMemoryError:
-                    optimizer.zero_grad(set_to_none=True)
-                    release_memory(b.device)
-                    b.emit("train_step", stage=stage, variant=name, batch=size, error="out of memory")
-            if len(records) == len(VARIANTS):
-                b.emit("train_compare", stage=stage, **_ratios(records))
-            del batch, step
+            try:
+                _time_batch(b, stage, size, optimizer, params)
+                continue
+            except torch.OutOfMemoryError:
+                pass  # freed below, once the traceback no longer holds the batch's tensors
+            optimizer.zero_grad(set_to_none=True)
+            release_memory(b.device)
+            b.emit("train_step", stage=stage, batch=size, error="out of memory")
     finally:
         _configure(model, attention, False)
         model.eval().requires_grad_(False)
         del optimizer
         release_memory(b.device)
+
+
+def _time_batch(
+    b: Bench, stage: str, size: int, optimizer: torch.optim.Optimizer, params: list[torch.nn.Parameter]
+) -> None:
+    """All variants at the base batch size, the SDPA ones at larger sizes; a variant may run out of memory."""
+    model = b.model
+    batch = training_batch(b, size)
+    flops = training_flops(model, stage, batch)
+    names = list(VARIANTS) if size == b.settings.train_batch else list(LARGE_BATCH_VARIANTS)
+    _configure(model, *VARIANTS[names[0]])  # the warming step runs as the first variant
+    step = train_step(model, batch, optimizer)
+    step()  # allocates the optimizer state
+    with_grad = _params_reached(model, batch, params)
+    records = {}
+    for name in names:
+        _configure(model, *VARIANTS[name])
+        try:
+            records[name] = _time_variant(b, step, flops, batch, params, with_grad, stage, name)
+        except torch.OutOfMemoryError:
+            optimizer.zero_grad(set_to_none=True)
+            release_memory(b.device)
+            b.emit("train_step", stage=stage, variant=name, batch=size, error="out of memory")
+    if len(records) == len(VARIANTS):
+        b.emit("train_compare", stage=stage, **_ratios(records))
 
 
 def _time_variant(

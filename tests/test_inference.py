@@ -76,6 +76,22 @@ def test_ask_many_equals_repeated_ask(predictor, volume_path):
     assert many[0].slice_scores != many[1].slice_scores  # the question matters
 
 
+def test_static_cache_option_gives_the_same_answers(predictor, volume_path, monkeypatch):
+    fast = Med2E3Predictor(predictor.model, predictor.processor, compile=True)
+    seen: list[dict] = []
+    generate = fast.model.generate
+    monkeypatch.setattr(fast.model, "generate", lambda **kw: seen.append(kw) or generate(**kw))
+    fast.load(volume_path)
+    predictor.load(volume_path)
+    got = fast.ask_many(QUESTIONS, max_new_tokens=8)
+    assert seen[0]["cache_implementation"] == "static"
+    assert seen[0]["max_cache_len"] % 256 == 0
+    assert seen[0]["max_cache_len"] >= seen[0]["input_ids"].shape[1] + 8
+    assert [a.answer for a in got] == [a.answer for a in predictor.ask_many(QUESTIONS, max_new_tokens=8)]
+    streamed = "".join(fast.stream(QUESTIONS[1], max_new_tokens=8)).strip()
+    assert streamed == got[1].answer
+
+
 def test_slice_ranges_map_to_the_original_volume(predictor, volume_path):
     loaded = predictor.load(volume_path)
     ranges = predictor.ask(QUESTIONS[0], max_new_tokens=2).slice_ranges

@@ -115,18 +115,16 @@ class Med2E3Predictor:
         orientation: Orientation = "axial",
         compile: bool = False,
     ):
-        """``compile``: `torch.compile` the encoders and decode with a static KV cache, which transformers
-        compiles on CUDA. Each new input shape compiles once (about 30 s for the paper preset on an
-        H200; docs/performance.md), then encoding and decoding run faster: worth it for a server or a
-        batch job, not for one question."""
+        """``compile``: decode with a static KV cache, which transformers compiles (`torch.compile`, CUDA
+        graphs) on CUDA. Each new number of questions per call compiles once (25-70 s for the paper
+        preset on an H200), then each token is about 7x faster (docs/performance.md): worth it for a
+        server or a long batch job, not for one question. On CPU nothing is compiled."""
         self.model = model.eval()
         self.processor = processor
         self.window = window
         self.orientation = orientation
         self.compile = compile
         self.current: LoadedVolume | None = None
-        if compile:
-            self.model.compile_encoders()
 
     @classmethod
     def from_pretrained(

@@ -164,18 +164,6 @@ class Med2E3ForConditionalGeneration(Med2E3PreTrainedModel, GenerationMixin):
         """BERT pooler output of the TG-IS question: B x H_bert."""
         return self.question_encoder(input_ids=input_ids, attention_mask=attention_mask).pooler_output
 
-    def compile_encoders(self, mode: str | None = None) -> None:
-        """``torch.compile`` the 3D, 2D and question encoders in place (weights and state dict unchanged).
-
-        Fuses their kernels; the first call with each new input shape compiles (tens of seconds at paper
-        size). ``mode`` is torch.compile's (``None``: the default, no CUDA graphs, so encodings kept
-        from earlier calls stay valid).
-        """
-        for name in ("vision3d", "vision2d", "question_encoder"):
-            module = getattr(self, name, None)
-            if module is not None:
-                module.compile(mode=mode)
-
     def visual_tokens(
         self,
         encoding: VolumeEncoding,
