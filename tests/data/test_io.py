@@ -9,9 +9,9 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import generate_uid
 
+from dicom_helpers import ct_slice
 from med2e3.data.io import WINDOWS, Volume, apply_window, from_array, load_volume
 from med2e3.errors import VolumeError
 
@@ -66,27 +66,10 @@ def _write_series(
     study_uid = generate_uid()
     names = np.random.default_rng(seed).permutation(len(pixels))
     for k, image in enumerate(pixels):
-        uid = generate_uid()
-        meta = FileMetaDataset()
-        meta.MediaStorageSOPClassUID = CTImageStorage
-        meta.MediaStorageSOPInstanceUID = uid
-        meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        ds = Dataset()
-        ds.file_meta = meta
-        ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, uid
-        ds.StudyInstanceUID, ds.SeriesInstanceUID = study_uid, series_uid
-        ds.Modality = "CT"
-        ds.InstanceNumber = k + 1
-        ds.Rows, ds.Columns = image.shape
-        ds.PixelSpacing = list(pixel_spacing)
-        ds.SliceThickness = slice_step
-        ds.ImageOrientationPatient = list(orientation)
-        ds.ImagePositionPatient = list(np.asarray(origin) + k * slice_step * normal)
-        ds.RescaleSlope, ds.RescaleIntercept = 1, -1024
-        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-        ds.BitsAllocated, ds.BitsStored, ds.HighBit = 16, 16, 15
-        ds.PixelRepresentation = int(np.dtype(dtype).kind == "i")
-        ds.PixelData = image.astype(dtype).tobytes()
+        position = np.asarray(origin) + k * slice_step * normal
+        ds = ct_slice(
+            image, k, series_uid, study_uid, position, orientation, pixel_spacing, slice_step, dtype
+        )
         ds.save_as(folder / f"IM{names[k]:04d}", enforce_file_format=True)
     linear = np.column_stack([row_dir * pixel_spacing[1], col_dir * pixel_spacing[0], normal * slice_step])
     affine = np.eye(4)

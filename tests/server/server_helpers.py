@@ -13,9 +13,9 @@ from collections.abc import Iterator
 
 import nibabel as nib
 import numpy as np
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import generate_uid
 
+from dicom_helpers import ct_slice
 from med2e3.data.synth import SynthConfig, case_rng, generate_volume
 from med2e3.inference import Med2E3Predictor
 from med2e3.server import ServerSettings, create_app
@@ -44,27 +44,7 @@ def nifti_bytes(compress: bool = True) -> bytes:
 
 def dicom_file_bytes(image: np.ndarray, k: int, series: str, study: str, step: float = 2.5) -> bytes:
     """One CT slice (uint16 stored, HU = stored - 1024) of an axial series."""
-    uid = generate_uid()
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = CTImageStorage
-    meta.MediaStorageSOPInstanceUID = uid
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, uid
-    ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
-    ds.Modality = "CT"
-    ds.InstanceNumber = k + 1
-    ds.Rows, ds.Columns = image.shape
-    ds.PixelSpacing = [0.8, 0.8]
-    ds.SliceThickness = step
-    ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
-    ds.ImagePositionPatient = [-40.0, -40.0, 100.0 + k * step]
-    ds.RescaleSlope, ds.RescaleIntercept = 1, -1024
-    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit = 16, 16, 15
-    ds.PixelRepresentation = 0
-    ds.PixelData = image.astype(np.uint16).tobytes()
+    ds = ct_slice(image, k, series, study, (-40.0, -40.0, 100.0 + k * step), thickness=step)
     buffer = io.BytesIO()
     ds.save_as(buffer, enforce_file_format=True)
     return buffer.getvalue()
