@@ -604,7 +604,10 @@ def _depth_stages(
         ),
         "answer": lambda: generate(b, batch, s.new_tokens, model=model, volume_encoding=encoding),
     }
-    stats = {name: measure(fn, b.device, s.table_repeats, s.table_warmup)[0] for name, fn in parts.items()}
+    # always warm up: a model of a new depth has new shapes (kernel choice, allocator growth)
+    stats = {
+        name: measure(fn, b.device, s.table_repeats, max(1, s.table_warmup))[0] for name, fn in parts.items()
+    }
     return stats, batch["input_ids"].shape[1]
 
 

@@ -188,6 +188,23 @@ def training(records: list[dict]) -> str:
     return table(header, rows)
 
 
+def compiled(records: list[dict]) -> str:
+    rows = [
+        [
+            str(r["n_questions"]),
+            fmt(r["eager"]),
+            fmt(r["compiled"]),
+            num(r["speedup"]),
+            num(r["first_call_s"], 1),
+            f"{r['same_answers']} / {r['n_questions']}",
+        ]
+        for r in records
+        if r["name"] == "compiled_questions"
+    ]
+    header = ["questions", "default ms", "compile=True ms", "speedup", "first call s", "same answers"]
+    return table(header, rows)
+
+
 def render(records: list[dict]) -> str:
     """Every table that has records, each under a heading."""
     parts = []
@@ -200,11 +217,12 @@ def render(records: list[dict]) -> str:
         ("Batch mode (files to JSONL)", batch_mode, ("batch_mode",)),
         ("Volume depth", depth, ("depth",)),
         ("Training step", training, ("train_step",)),
+        ("Compiled decoding (`Med2E3Predictor(compile=True)`)", compiled, ("compiled_questions",)),
     ):
         if any(r["name"] in names for r in measured):
             parts.append(f"#### {title}\n\n{fn(measured)}\n")
     for r in records:
-        if r["name"] in ("equivalence", "error") or "skipped" in r:
+        if r["name"] in ("equivalence", "error") or "skipped" in r or "error" in r:
             parts.append(f"- {json.dumps({k: v for k, v in r.items() if k not in ('bench', 'preset')})}")
     return "\n".join(parts)
 
