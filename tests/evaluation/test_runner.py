@@ -272,3 +272,39 @@ def test_ablation_budgets_identical_across_variants(tmp_path):
             configs[(variant, stage)] = (cfg.max_steps, cfg.batch_size, cfg.lr, len(cfg.data.train))
     for stage in ("pretrain", "finetune"):
         assert len({configs[(v, stage)] for v in ablation.VARIANTS}) == 1
+
+
+def test_ablation_jobs_run_every_pair_once_in_parallel_workers(tmp_path, monkeypatch):
+    import os
+    import time
+
+    trained = tmp_path / "trained"
+    trained.mkdir()
+
+    def fake_train(run, data, variant, seed, settings):
+        time.sleep(0.3)  # long enough that both workers take runs
+        (trained / f"{variant}-{seed}-{os.getpid()}").touch()
+        return run / "finetune"
+
+    def fake_evaluate(run, subsets, settings):
+        acc = {"none": 0.2, "mean": 0.3, "tgis": 0.4}[run.name.split("-")[0]]
+        return {"closed_vqa": {"overall": acc, "per_type": {}}, "attention": None}
+
+    monkeypatch.setattr(ablation, "prepare_benchmark", lambda out, settings: out / "synth")
+    monkeypatch.setattr(ablation, "eval_examples", lambda data, settings: {})
+    monkeypatch.setattr(ablation, "train_run", fake_train)
+    monkeypatch.setattr(ablation, "evaluate_run", fake_evaluate)
+    settings = ablation.AblationSettings(seeds=(0, 1), jobs=2)
+    path = ablation.run_ablation(tmp_path / "out", settings, tmp_path / "results.md")
+    runs = [name.rsplit("-", 1) for name in os.listdir(trained)]
+    assert sorted(r[0] for r in runs) == sorted(f"{v}-{s}" for v in ablation.VARIANTS for s in (0, 1))
+    assert len({pid for _, pid in runs}) == 2 and str(os.getpid()) not in {pid for _, pid in runs}
+    text = path.read_text()
+    assert "(complete)" in text and '"jobs": 2' in text
+    assert "| Closed VQA: overall | 20.0 ± 0.0 | 30.0 ± 0.0 | 40.0 ± 0.0 |" in text
+    assert "none (seeds 0, 1)" in text and "tgis (seeds 0, 1)" in text
+
+
+def test_ablation_jobs_must_be_positive(tmp_path):
+    with pytest.raises(ValueError, match="jobs"):
+        ablation.run_ablation(tmp_path, ablation.AblationSettings(jobs=0))

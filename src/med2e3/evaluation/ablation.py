@@ -49,6 +49,7 @@ class AblationSettings:
     open_tokens: int = 24
     report_tokens: int = 64
     threads: int = 1  # torch threads; more than one per process thrashes on a shared 2-core machine
+    jobs: int = 1  # (variant, seed) runs trained at once, each in its own process with `threads` threads
     configs_dir: Path = CONFIGS
     overrides: tuple[str, ...] = field(default_factory=tuple)  # extra key=value for both stages
 
@@ -244,9 +245,15 @@ def write_results(path: Path, table: str, settings: AblationSettings, seconds: f
 
 
 def run_ablation(out: str | Path, settings: AblationSettings, results: str | Path | None = None) -> Path:
-    """Train and evaluate every (variant, seed), seed-major; write the table; return the results file."""
+    """Train and evaluate every (variant, seed); write the table after each run; return the results file.
+
+    With ``settings.jobs`` > 1 the runs go to that many worker processes (one core each at ``threads=1``);
+    every run is the same as in a sequential invocation, only the order in which runs finish changes.
+    """
     import torch
 
+    if settings.jobs < 1:
+        raise ValueError(f"jobs must be >= 1, got {settings.jobs}")
     torch.set_num_threads(settings.threads)
     start = time.monotonic()
     out = Path(out).resolve()
@@ -254,17 +261,50 @@ def run_ablation(out: str | Path, settings: AblationSettings, results: str | Pat
     subsets = eval_examples(data, settings)
     summaries: dict[str, dict[int, dict[str, Any]]] = {v: {} for v in settings.variants}
     results_path = Path(results) if results else out / "results.md"
-    for seed in settings.seeds:
-        for variant in settings.variants:
-            run = out / "runs" / f"{variant}-seed{seed}"
-            t0 = time.monotonic()
-            train_run(run, data, variant, seed, settings)
-            summaries[variant][seed] = evaluate_run(run, subsets, settings)
-            _log(f"{run.name}: done in {(time.monotonic() - t0) / 60:.1f} min")
-            write_results(results_path, results_table(summaries), settings, time.monotonic() - start, False)
+    pairs = [(variant, seed) for seed in settings.seeds for variant in settings.variants]
+
+    def finished(variant: str, seed: int, summary: dict[str, Any], minutes: float) -> None:
+        summaries[variant][seed] = summary
+        _log(f"{variant}-seed{seed}: done in {minutes:.1f} min")
+        write_results(results_path, results_table(summaries), settings, time.monotonic() - start, False)
+
+    if settings.jobs == 1:
+        for variant, seed in pairs:
+            finished(variant, seed, *_run_one(out, data, variant, seed, settings, subsets))
+    else:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor, as_completed
+
+        # fork: workers inherit the loaded modules; each sets its own torch thread count
+        context = multiprocessing.get_context("fork")
+        with ProcessPoolExecutor(settings.jobs, mp_context=context) as pool:
+            futures = {
+                pool.submit(_run_one, out, data, variant, seed, settings, subsets): (variant, seed)
+                for variant, seed in pairs
+            }
+            for future in as_completed(futures):
+                finished(*futures[future], *future.result())
     write_results(results_path, results_table(summaries), settings, time.monotonic() - start, True)
     _log(f"ablation finished in {(time.monotonic() - start) / 60:.1f} min; table in {results_path}")
     return results_path
+
+
+def _run_one(
+    out: Path,
+    data: Path,
+    variant: str,
+    seed: int,
+    settings: AblationSettings,
+    subsets: dict[str, list[Example]],
+) -> tuple[dict[str, Any], float]:
+    """Train (resumably) and evaluate one (variant, seed); return its summary and the minutes it took."""
+    import torch
+
+    torch.set_num_threads(settings.threads)
+    t0 = time.monotonic()
+    run = out / "runs" / f"{variant}-seed{seed}"
+    train_run(run, data, variant, seed, settings)
+    return evaluate_run(run, subsets, settings), (time.monotonic() - t0) / 60
 
 
 def _log(message: str) -> None:
@@ -287,6 +327,7 @@ def _settings(args: argparse.Namespace) -> AblationSettings:
         open_eval=args.open_eval,
         report_eval=args.report_eval,
         threads=args.threads,
+        jobs=args.jobs,
         configs_dir=Path(args.configs),
         overrides=tuple(args.override),
     )
@@ -313,7 +354,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--closed-eval", type=int, default=d.closed_eval, help="closed test questions scored")
     p.add_argument("--open-eval", type=int, default=d.open_eval, help="open test questions scored")
     p.add_argument("--report-eval", type=int, default=d.report_eval, help="test reports scored")
-    p.add_argument("--threads", type=int, default=d.threads, help="torch threads (default 1)")
+    p.add_argument("--threads", type=int, default=d.threads, help="torch threads per run (default 1)")
+    p.add_argument(
+        "--jobs", type=int, default=d.jobs, help="runs trained at once, one process each (default 1)"
+    )
     p.add_argument("--configs", default=str(d.configs_dir), help="folder with tiny-pretrain/finetune.yaml")
     p.add_argument(
         "--override",
