@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from med2e3.data.datasets import Example
-from med2e3.errors import DatasetError
+from med2e3.errors import ConfigError, DatasetError
 from med2e3.evaluation import ablation
 from med2e3.evaluation.runner import EvalReport, evaluate, load_dataset, predict_examples, register
 
@@ -306,5 +306,5 @@ def test_ablation_jobs_run_every_pair_once_in_parallel_workers(tmp_path, monkeyp
 
 
 def test_ablation_jobs_must_be_positive(tmp_path):
-    with pytest.raises(ValueError, match="jobs"):
+    with pytest.raises(ConfigError, match="jobs"):
         ablation.run_ablation(tmp_path, ablation.AblationSettings(jobs=0))

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from med2e3.data.datasets import QUESTION_TYPES, Example
+from med2e3.errors import ConfigError
 from med2e3.evaluation.runner import evaluate, load_dataset, predict_examples, write_atomic
 
 VARIANTS: tuple[str, ...] = ("none", "mean", "tgis")
@@ -253,7 +254,7 @@ def run_ablation(out: str | Path, settings: AblationSettings, results: str | Pat
     import torch
 
     if settings.jobs < 1:
-        raise ValueError(f"jobs must be >= 1, got {settings.jobs}")
+        raise ConfigError(f"--jobs must be at least 1, got {settings.jobs}")
     torch.set_num_threads(settings.threads)
     start = time.monotonic()
     out = Path(out).resolve()

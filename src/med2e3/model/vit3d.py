@@ -105,4 +105,4 @@ class ViT3D(nn.Module):
     def block_output(self, volume: torch.Tensor, layer: int) -> torch.Tensor:
         """Output of block ``layer`` (negative counts from the end), before the final norm: B x (1 + N) x C."""
         index = layer % len(self.blocks)
-        return self(volume, num_blocks=index + 1)[1][index]  # through __call__: hooks and compile apply
+        return self(volume, num_blocks=index + 1)[1][index]  # through __call__, so hooks apply
