@@ -127,14 +127,19 @@ def bench_stage(b: Bench, stage: str) -> None:
                 continue
             except torch.OutOfMemoryError:
                 pass  # freed below, once the traceback no longer holds the batch's tensors
-            optimizer.zero_grad(set_to_none=True)
-            release_memory(b.device)
-            b.emit("train_step", stage=stage, batch=size, error="out of memory")
+            _out_of_memory(b, optimizer, stage=stage, batch=size)
     finally:
         _configure(model, attention, False)
         model.eval().requires_grad_(False)
         del optimizer
         release_memory(b.device)
+
+
+def _out_of_memory(b: Bench, optimizer: torch.optim.Optimizer, **fields: object) -> None:
+    """Free what a failed step held and record the failure."""
+    optimizer.zero_grad(set_to_none=True)
+    release_memory(b.device)
+    b.emit("train_step", error="out of memory", **fields)
 
 
 def _time_batch(
@@ -155,9 +160,7 @@ def _time_batch(
         try:
             records[name] = _time_variant(b, step, flops, batch, params, with_grad, stage, name)
         except torch.OutOfMemoryError:
-            optimizer.zero_grad(set_to_none=True)
-            release_memory(b.device)
-            b.emit("train_step", stage=stage, variant=name, batch=size, error="out of memory")
+            _out_of_memory(b, optimizer, stage=stage, variant=name, batch=size)
     if len(records) == len(VARIANTS):
         b.emit("train_compare", stage=stage, **_ratios(records))
 
