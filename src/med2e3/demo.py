@@ -20,6 +20,8 @@ import torch
 from med2e3.data.datasets import Example, read_m3d_vqa
 from med2e3.data.synth import generate_benchmark
 from med2e3.evaluation.metrics import closed_vqa_accuracy
+from med2e3.evaluation.reliance import image_reliance, question_dependence
+from med2e3.evaluation.runner import attention_mass
 from med2e3.inference import Med2E3Predictor
 from med2e3.training.config import config_from_dict
 from med2e3.training.trainer import TRAINING_INFO, train
@@ -91,8 +93,10 @@ def _majority_answers(train: list[Example]) -> dict[str, str]:
 
 
 def _evaluate(predictor: Med2E3Predictor, examples: list[Example], train: list[Example]) -> dict[str, Any]:
-    """Closed VQA as the release scores it (the letter), and the chosen text against a majority baseline."""
+    """Closed VQA as the release scores it (the letter), and the chosen text against a majority baseline;
+    TG-IS: how much the scores depend on the question, and their mass on the relevant slices."""
     outputs: dict[str, str] = {}
+    scores: dict[str, list[float] | None] = {}
     for volume, group in groupby(examples, key=lambda ex: ex.volume):
         batch = list(group)
         predictor.load(volume)
@@ -100,6 +104,7 @@ def _evaluate(predictor: Med2E3Predictor, examples: list[Example], train: list[E
             [ex.question for ex in batch], [ex.prompt for ex in batch], max_new_tokens=8
         )
         outputs.update({ex.id: a.answer for ex, a in zip(batch, answers, strict=True)})
+        scores.update({ex.id: a.slice_scores for ex, a in zip(batch, answers, strict=True)})
     result = closed_vqa_accuracy(
         [outputs[ex.id] for ex in examples],
         [ex.answer_letter for ex in examples],
@@ -118,6 +123,26 @@ def _evaluate(predictor: Med2E3Predictor, examples: list[Example], train: list[E
         "per_type": result.per_type,
         "text_accuracy": {k: sum(v) / len(v) for k, v in text_hits.items()},
         "majority_text_baseline": {k: sum(v) / len(v) for k, v in base_hits.items()},
+        "tgis": _tgis_summary(examples, scores),
+    }
+
+
+def _tgis_summary(examples: list[Example], scores: dict[str, list[float] | None]) -> dict[str, Any] | None:
+    """Question dependence of the TG-IS scores and their mass on the relevant slices, per question type."""
+    if any(scores[ex.id] is None for ex in examples):
+        return None  # no TG-IS in this model
+    by_volume: dict[str, list[list[float]]] = {}
+    mass: dict[str, list[tuple[float, float]]] = {}
+    for ex in examples:
+        by_volume.setdefault(str(ex.volume), []).append(scores[ex.id])
+        if ex.relevant_slices:
+            pair = attention_mass(scores[ex.id], ex.relevant_slices)
+            mass.setdefault(ex.question_type or "", []).append(pair)
+            mass.setdefault("overall", []).append(pair)
+    return {
+        "question_dependence": question_dependence(by_volume),
+        "relevant_mass": {k: sum(m for m, _ in v) / len(v) for k, v in mass.items()},
+        "uniform_mass": {k: sum(u for _, u in v) / len(v) for k, v in mass.items()},
     }
 
 
@@ -138,7 +163,10 @@ def run_demo(
     predictor = Med2E3Predictor.from_pretrained(model_dir, orientation="acquisition")
     print(f"[demo] evaluating closed VQA on {budget.eval_questions} held-out questions ...")
     train_closed = list(read_m3d_vqa(data / "M3D_VQA_train.csv", form="closed", orientation="acquisition"))
-    accuracy = _evaluate(predictor, _closed_questions(data, budget.eval_questions), train_closed)
+    closed = _closed_questions(data, budget.eval_questions)
+    accuracy = _evaluate(predictor, closed, train_closed)
+    print("[demo] image reliance: the same questions with another test volume ...")
+    reliance = image_reliance(predictor, closed).to_dict()
 
     examples = list(read_m3d_vqa(data / "M3D_VQA_test.csv", form="open", orientation="acquisition"))[:40:8]
     asked = []
@@ -165,6 +193,7 @@ def run_demo(
         "model": str(model_dir),
         "figure": str(figure),
         "closed_vqa_accuracy": accuracy,
+        "image_reliance": reliance,
         "examples": asked,
         "wall_seconds": round(time.time() - start, 1),
     }
@@ -185,6 +214,26 @@ def _print_summary(summary: dict[str, Any], out: Path) -> None:
         text, base = acc["text_accuracy"][kind], acc["majority_text_baseline"][kind]
         print(f"         {kind:<12}  {value:.3f}    {text:.3f}   {base:.3f}")
     print(f"         {'overall':<12}  {acc['overall']:.3f}")
+    rel = summary["image_reliance"]
+    print(
+        "[demo] image reliance (same questions, each with another test volume): letter accuracy "
+        f"{rel['accuracy']['overall']:.3f} -> {rel['accuracy_swapped']['overall']:.3f}, "
+        f"answer loss {rel['loss']:.3f} -> {rel['loss_swapped']:.3f}"
+    )
+    tgis = acc["tgis"]
+    if tgis:
+        dep = tgis["question_dependence"]
+        print(
+            "[demo] TG-IS: largest score difference between questions on one volume (median) "
+            + ("n/a" if dep is None else f"{dep:.2g}")
+            + "; mass on the relevant slices (uniform weights):"
+        )
+        print(
+            "         "
+            + ", ".join(
+                f"{k} {v:.3f} ({tgis['uniform_mass'][k]:.3f})" for k, v in tgis["relevant_mass"].items()
+            )
+        )
     for ex in summary["examples"][:3]:
         print(f"[demo] Q: {ex['question']}\n       A: {ex['answer']!r}   (reference: {ex['reference']!r})")
     print(f"[demo] model:   {summary['model']}")

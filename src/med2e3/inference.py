@@ -279,6 +279,26 @@ class Med2E3Predictor:
         if failure:
             raise failure[0]
 
+    @torch.no_grad()
+    def answer_loss(
+        self, questions: Sequence[str], answers: Sequence[str], prompts: Sequence[str] | None = None
+    ) -> list[float]:
+        """Per question: mean negative log-likelihood of the tokens of its reference ``answers`` (the
+        training loss of that one example) given the loaded volume."""
+        loaded = self._loaded()
+        self._inputs(questions, prompts)  # the same checks as for asking
+        batch = self.processor(
+            list(prompts or questions), questions=list(questions), answers=list(answers), padding_side="right"
+        )
+        batch = {k: v.to(self.device) for k, v in batch.items()}
+        labels = batch.pop("labels")[:, 1:]
+        logits = self.model(**batch, volume_encoding=loaded.encoding.expand(len(questions))).logits[:, :-1]
+        nll = torch.nn.functional.cross_entropy(
+            logits.float().transpose(1, 2), labels, ignore_index=-100, reduction="none"
+        )
+        counts = (labels != -100).sum(dim=1).clamp(min=1)
+        return (nll.sum(dim=1) / counts).cpu().tolist()
+
     def slice_scores(self, question: str) -> list[float] | None:
         """TG-IS scores of ``question`` on the loaded volume, without generating an answer."""
         loaded = self._loaded()

@@ -308,3 +308,25 @@ def test_ablation_jobs_run_every_pair_once_in_parallel_workers(tmp_path, monkeyp
 def test_ablation_jobs_must_be_positive(tmp_path):
     with pytest.raises(ConfigError, match="jobs"):
         ablation.run_ablation(tmp_path, ablation.AblationSettings(jobs=0))
+
+
+def test_cli_eval_reports_image_reliance_and_question_dependence(tmp_path, tiny_model_dir, capsys):
+    from med2e3.cli import main
+    from med2e3.data.synth import generate_benchmark
+
+    bench = tmp_path / "synth"
+    generate_benchmark(bench, 5, seed=0, workers=1, progress=False)
+    out = tmp_path / "report.json"
+    args = ["eval", str(tmp_path / "pred.jsonl"), "--dataset", str(bench / "M3D_VQA_train.csv")]
+    args += ["--form", "closed", "--orientation", "acquisition", "--limit", "24", "--out", str(out)]
+    assert main([*args, "--image-reliance"]) == 2  # needs --model
+    assert "--image-reliance needs --model" in capsys.readouterr().err
+    assert main([*args, "--model", str(tiny_model_dir), "--max-new-tokens", "3", "--image-reliance"]) == 0
+    report = json.loads(out.read_text())
+    reliance = report["image_reliance"]
+    assert reliance["n"] == reliance["n_closed"] == 24
+    assert set(reliance["accuracy"]) == set(reliance["accuracy_swapped"]) >= {"overall"}
+    assert reliance["loss"] > 0 and reliance["loss_swapped"] > 0
+    assert reliance["loss"] != reliance["loss_swapped"]  # a random model still sees a different volume
+    assert report["attention"]["question_dependence"] is not None
+    assert "## Image reliance" in capsys.readouterr().out

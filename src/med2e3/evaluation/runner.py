@@ -34,6 +34,7 @@ from med2e3.data.datasets import (
 )
 from med2e3.errors import DatasetError
 from med2e3.evaluation.metrics import METRIC_NAMES, closed_vqa_accuracy, score_texts
+from med2e3.evaluation.reliance import ImageReliance, image_reliance, question_dependence
 
 #: Tokens generated per task unless told otherwise (closed answers are a letter and a choice).
 DEFAULT_MAX_NEW_TOKENS: dict[str, int] = {"vqa_closed": 8, "vqa_open": 32, "caption": 128, "report": 128}
@@ -180,9 +181,15 @@ class AttentionSection:
     mass: dict[str, float]
     uniform: dict[str, float]
     counts: dict[str, int]
+    question_dependence: float | None = None  # median over volumes of the largest score gap between questions
 
     def to_dict(self) -> dict[str, Any]:
-        return {"mass": self.mass, "uniform": self.uniform, "counts": self.counts}
+        return {
+            "mass": self.mass,
+            "uniform": self.uniform,
+            "counts": self.counts,
+            "question_dependence": self.question_dependence,
+        }
 
 
 @dataclass
@@ -196,6 +203,7 @@ class EvalReport:
     attention: AttentionSection | None
     attention_note: str | None
     samples: list[dict[str, Any]]
+    image_reliance: ImageReliance | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -205,6 +213,7 @@ class EvalReport:
             "report_generation": None if self.report is None else self.report.to_dict(),
             "attention": None if self.attention is None else self.attention.to_dict(),
             "attention_note": self.attention_note,
+            "image_reliance": None if self.image_reliance is None else self.image_reliance.to_dict(),
             "samples": self.samples,
         }
 
@@ -223,6 +232,8 @@ class EvalReport:
             parts.append(_attention_markdown(self.attention))
         elif self.attention_note:
             parts.append(f"## TG-IS attention\n\n{self.attention_note}\n")
+        if self.image_reliance is not None:
+            parts.append(f"## Image reliance\n\n{self.image_reliance.to_markdown()}\n")
         return "\n".join(parts)
 
     def write(self, json_path: str | Path | None = None, markdown_path: str | Path | None = None) -> None:
@@ -296,6 +307,11 @@ def _attention_markdown(att: AttentionSection) -> str:
             lines.append(
                 f"| {label} | {att.counts[qtype]} | {att.mass[qtype]:.4f} | {att.uniform[qtype]:.4f} | {ratio:.2f} |"
             )
+    if att.question_dependence is not None:
+        lines.append(
+            f"\nQuestion dependence: the slice scores of two questions on one volume differ by at most "
+            f"{att.question_dependence:.3g} (median over volumes)."
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -396,12 +412,14 @@ def _attention(
     if not labelled:
         return None, "no example lists relevant slices"
     groups: dict[str, list[tuple[float, float]]] = defaultdict(list)
+    by_volume: dict[str, list[Sequence[float]]] = defaultdict(list)
     scored = 0
     for i in labelled:
         scores = samples[i].get("slice_scores")
         if scores is None:
             continue
         scored += 1
+        by_volume[str(examples[i].volume)].append(scores)
         mass, uniform = attention_mass(scores, examples[i].relevant_slices or ())
         samples[i]["attention_mass"], samples[i]["uniform_mass"] = mass, uniform
         groups[examples[i].question_type or "untyped"].append((mass, uniform))
@@ -413,6 +431,7 @@ def _attention(
             mass={k: statistics.fmean(m for m, _ in v) for k, v in groups.items()},
             uniform={k: statistics.fmean(u for _, u in v) for k, v in groups.items()},
             counts={k: len(v) for k, v in groups.items()},
+            question_dependence=question_dependence(by_volume),
         ),
         None,
     )
@@ -449,6 +468,8 @@ def load_dataset(
 
 
 def _eval_command(args: argparse.Namespace) -> int:
+    if args.image_reliance and not args.model:
+        raise DatasetError(None, "--image-reliance needs --model (the questions are answered again)")
     examples = load_dataset(
         args.dataset,
         split=args.split,
@@ -467,6 +488,9 @@ def _eval_command(args: argparse.Namespace) -> int:
     report = evaluate(
         args.predictions, examples, nltk_data=args.nltk_data, bertscore_model=args.bertscore_model
     )
+    if args.image_reliance:
+        vqa = [ex for ex in examples if ex.task in ("vqa_closed", "vqa_open")]
+        report.image_reliance = image_reliance(predictor, vqa)
     report.write(args.out, args.markdown)
     print(report.to_markdown())
     for path in (args.out, args.markdown):
@@ -509,6 +533,12 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     g.add_argument("--model", help="a med2e3 model folder: answer the dataset into PREDICTIONS first")
     g.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
     g.add_argument("--window", default="abdomen", help="CT window: abdomen, lung, bone, brain, minmax")
+    g.add_argument(
+        "--image-reliance",
+        action="store_true",
+        help="also answer the VQA questions with another volume of the dataset (a fixed derangement) and "
+        "report accuracy and answer loss both ways: a model that reads the scan loses when it is swapped",
+    )
     g.add_argument(
         "--max-new-tokens",
         type=int,
