@@ -8,7 +8,9 @@ from med2e3.demo import DemoBudget, run_demo
 
 
 def test_demo_reports_accuracy_image_reliance_and_tgis(tmp_path):
-    budget = DemoBudget(volumes=20, pretrain_epochs=0.02, finetune_epochs=0.01, batch_size=2, eval_questions=12)
+    budget = DemoBudget(
+        volumes=20, pretrain_epochs=0.02, finetune_epochs=0.01, batch_size=2, eval_questions=12
+    )
     summary = run_demo(tmp_path / "demo", seed=0, budget=budget)
     assert summary == json.loads((tmp_path / "demo" / "summary.json").read_text())
     accuracy = summary["closed_vqa_accuracy"]

@@ -107,7 +107,10 @@ def _demo(args: argparse.Namespace) -> int:
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="a med2e3 model folder (e.g. runs/demo/finetune)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
-    p.add_argument("--window", default="abdomen", help="CT window: abdomen, lung, bone, brain, minmax")
+    p.add_argument(
+        "--window",
+        help="CT window: abdomen, lung, bone, brain, minmax (default: the one the model was trained with)",
+    )
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument(
         "--compile",
@@ -118,9 +121,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--orientation",
         choices=["axial", "acquisition"],
-        default="axial",
         help="axial: reorient to axial slices; acquisition: keep the scan's own slice axis "
-        "(the synthetic benchmark's coronal/sagittal volumes)",
+        "(default: the one the model was trained with)",
     )
 
 

@@ -160,7 +160,7 @@ def run_demo(
     _stage(out, data, "pretrain", budget, seed)
     model_dir = _stage(out, data, "finetune", budget, seed)
 
-    predictor = Med2E3Predictor.from_pretrained(model_dir, orientation="acquisition")
+    predictor = Med2E3Predictor.from_pretrained(model_dir)
     print(f"[demo] evaluating closed VQA on {budget.eval_questions} held-out questions ...")
     train_closed = list(read_m3d_vqa(data / "M3D_VQA_train.csv", form="closed", orientation="acquisition"))
     closed = _closed_questions(data, budget.eval_questions)
@@ -241,5 +241,5 @@ def _print_summary(summary: dict[str, Any], out: Path) -> None:
     print(f"[demo] summary: {out / 'summary.json'}")
     print(
         f'[demo] try:     med2e3 ask {summary["examples"][0]["volume"]} "Which organ has a lesion?" '
-        f"--model {summary['model']} --orientation acquisition --plot slices.png"
+        f"--model {summary['model']} --plot slices.png"
     )

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import os
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -25,10 +26,12 @@ from transformers.utils import logging as hf_logging
 
 from med2e3.data.datasets import REPORT_INSTRUCTIONS
 from med2e3.data.io import Orientation, Volume, from_array, load_volume
-from med2e3.data.processor import Med2E3Processor
+from med2e3.data.processor import Med2E3Processor, check_orientation, check_window
 from med2e3.data.transforms import prepare_volume, source_slice_ranges
 from med2e3.errors import ConfigError, DatasetError, InputError
 from med2e3.model import Med2E3ForConditionalGeneration, VolumeEncoding
+
+logger = logging.getLogger(__name__)
 
 MAX_QUESTION_CHARS = 2000
 STATIC_CACHE_STEP = 256  # with compile=True, static KV caches come in multiples of this length
@@ -85,6 +88,14 @@ def check_model_folder(path: str | Path) -> Path:
     return path
 
 
+def _override(name: str, given: str | None, trained: str) -> str:
+    """``given`` when set (saying so if the model was trained with another value), else ``trained``."""
+    if given is None or given == trained:
+        return trained
+    logger.warning("%s=%r overrides the model's %s=%r (what it was trained with)", name, given, name, trained)
+    return given
+
+
 @contextmanager
 def _quiet_loading() -> Iterator[None]:
     """No per-tensor "Loading weights" bar: loading a small model is instant, and CLI errors stay one line."""
@@ -111,18 +122,23 @@ class Med2E3Predictor:
         self,
         model: Med2E3ForConditionalGeneration,
         processor: Med2E3Processor,
-        window: str = "abdomen",
-        orientation: Orientation = "axial",
+        window: str | None = None,
+        orientation: Orientation | None = None,
         compile: bool = False,
     ):
-        """``compile``: decode with a static KV cache, which transformers compiles (`torch.compile`, CUDA
+        """``window`` and ``orientation`` default to what the model was trained with (its processor);
+        a different value given here is used, with a one-line notice.
+
+        ``compile``: decode with a static KV cache, which transformers compiles (`torch.compile`, CUDA
         graphs) on CUDA. Each new number of questions per call compiles once (25-70 s for the paper
         preset on an H200), then each token is about 7x faster (docs/performance.md): worth it for a
         server or a long batch job, not for one question. On CPU nothing is compiled."""
         self.model = model.eval()
         self.processor = processor
-        self.window = window
-        self.orientation = orientation
+        self.window = _override("window", check_window(window) if window else None, processor.window)
+        self.orientation = _override(
+            "orientation", check_orientation(orientation) if orientation else None, processor.orientation
+        )
         self.compile = compile
         self.current: LoadedVolume | None = None
 

@@ -12,6 +12,7 @@ TG-IS question (the bare question, no template) is tokenised separately for the 
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Sequence
 from importlib import resources
 from pathlib import Path
@@ -22,7 +23,10 @@ from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers,
 from transformers import AutoTokenizer, BatchFeature, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 from med2e3.config import Med2E3Config
+from med2e3.data.datasets import ORIENTATIONS
 from med2e3.errors import ConfigError, InputError
+
+logger = logging.getLogger(__name__)
 
 SYSTEM_PROMPT = (
     "A chat between a curious user and an artificial intelligence assistant. "
@@ -33,6 +37,8 @@ EOS_TOKEN = "<|endoftext|>"
 QUESTION_TOKENIZER_DIR = "question_tokenizer"
 PROCESSOR_CONFIG = "med2e3_processor.json"
 IGNORE_INDEX = -100
+DEFAULT_WINDOW = "abdomen"
+DEFAULT_ORIENTATION = "axial"
 
 
 BUNDLED_VOCAB_SIZE = 1024
@@ -116,6 +122,11 @@ class Med2E3Processor:
             models without TG-IS.
         num_image_tokens: copies of the placeholder the model expects (``config.num_image_tokens``).
         max_length: longest LLM sequence; answers are truncated to fit, prompts never are.
+        window: the CT window volumes are preprocessed with (`med2e3.data.io.WINDOWS`).
+        orientation: how volume files are read ("axial" or "acquisition", see `med2e3.data.io`).
+
+    ``window`` and ``orientation`` are what the model was trained with; training writes them here, and
+    every path that feeds the model (predictor, CLI, server, evaluation) reads them from the model folder.
     """
 
     def __init__(
@@ -127,6 +138,8 @@ class Med2E3Processor:
         system_prompt: str = SYSTEM_PROMPT,
         max_length: int = 768,
         question_max_length: int = 512,
+        window: str = DEFAULT_WINDOW,
+        orientation: str = DEFAULT_ORIENTATION,
     ):
         self.tokenizer = tokenizer
         self.question_tokenizer = question_tokenizer
@@ -135,6 +148,8 @@ class Med2E3Processor:
         self.system_prompt = system_prompt
         self.max_length = max_length
         self.question_max_length = question_max_length
+        self.window = check_window(window)
+        self.orientation = check_orientation(orientation)
         self.image_token_id = tokenizer.convert_tokens_to_ids(image_token)
         if self.image_token_id is None or self.image_token_id == tokenizer.unk_token_id:
             raise ConfigError(f"the tokenizer has no {image_token!r} token")
@@ -189,6 +204,8 @@ class Med2E3Processor:
             "system_prompt": self.system_prompt,
             "max_length": self.max_length,
             "question_max_length": self.question_max_length,
+            "window": self.window,
+            "orientation": self.orientation,
         }
         (directory / PROCESSOR_CONFIG).write_text(json.dumps(settings, indent=2) + "\n")
 
@@ -199,6 +216,14 @@ class Med2E3Processor:
         if not settings_path.is_file():
             raise ConfigError(f"{directory}: no {PROCESSOR_CONFIG}; not a med2e3 model folder")
         settings = json.loads(settings_path.read_text())
+        missing = [key for key in ("window", "orientation") if key not in settings]
+        if missing:
+            logger.warning(
+                "%s: written before preprocessing was saved with the model; using window=%r, orientation=%r",
+                settings_path,
+                settings.get("window", DEFAULT_WINDOW),
+                settings.get("orientation", DEFAULT_ORIENTATION),
+            )
         question_dir = directory / QUESTION_TOKENIZER_DIR
         question_tokenizer = AutoTokenizer.from_pretrained(question_dir) if question_dir.is_dir() else None
         return cls(AutoTokenizer.from_pretrained(directory), question_tokenizer, **settings)
@@ -296,3 +321,19 @@ class Med2E3Processor:
 
     def batch_decode(self, token_ids: torch.Tensor) -> list[str]:
         return [self.decode(row) for row in token_ids]
+
+
+def check_window(window: str) -> str:
+    """``window`` if it names a CT window, else ConfigError listing the valid names."""
+    from med2e3.data.io import WINDOWS
+
+    if window not in WINDOWS:
+        raise ConfigError(f"unknown window {window!r}; valid names: {', '.join(WINDOWS)}")
+    return window
+
+
+def check_orientation(orientation: str) -> str:
+    """``orientation`` if valid, else ConfigError listing the valid ones."""
+    if orientation not in ORIENTATIONS:
+        raise ConfigError(f"unknown orientation {orientation!r}; valid: {', '.join(ORIENTATIONS)}")
+    return orientation

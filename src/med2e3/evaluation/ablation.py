@@ -149,7 +149,7 @@ def evaluate_run(run: Path, subsets: dict[str, list[Example]], settings: Ablatio
         return json.loads(done.read_text())
     from med2e3.inference import Med2E3Predictor
 
-    predictor = Med2E3Predictor.from_pretrained(run / "finetune", device="cpu", orientation="acquisition")
+    predictor = Med2E3Predictor.from_pretrained(run / "finetune", device="cpu")
     examples = [e for part in subsets.values() for e in part]
     tokens = {
         "vqa_closed": settings.closed_tokens,

@@ -470,18 +470,22 @@ def load_dataset(
 def _eval_command(args: argparse.Namespace) -> int:
     if args.image_reliance and not args.model:
         raise DatasetError(None, "--image-reliance needs --model (the questions are answered again)")
+    predictor = None
+    if args.model:
+        from med2e3.inference import Med2E3Predictor
+
+        predictor = Med2E3Predictor.from_pretrained(
+            args.model, device=args.device, window=args.window, orientation=args.orientation
+        )
     examples = load_dataset(
         args.dataset,
         split=args.split,
         form=args.form,
-        orientation=args.orientation,
+        orientation=args.orientation or (predictor.orientation if predictor else "axial"),
         data_root=args.data_root,
         limit=args.limit,
     )
-    if args.model:
-        from med2e3.inference import Med2E3Predictor
-
-        predictor = Med2E3Predictor.from_pretrained(args.model, device=args.device, window=args.window)
+    if predictor is not None:
         tokens = args.max_new_tokens if args.max_new_tokens is not None else None
         n = predict_examples(predictor, examples, args.predictions, max_new_tokens=tokens)
         print(f"{n} answers written to {args.predictions} ({len(examples) - n} were already there)")
@@ -520,8 +524,7 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument(
         "--orientation",
         choices=ORIENTATIONS,
-        default="axial",
-        help="how volumes are read (the synthetic benchmark needs acquisition)",
+        help="how volumes are read (default: as the --model was trained, else axial)",
     )
     p.add_argument("--data-root", help="folder the dataset's volume paths are relative to")
     p.add_argument("--limit", type=int, help="first N examples only")
@@ -532,7 +535,9 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     g = p.add_argument_group("predicting first")
     g.add_argument("--model", help="a med2e3 model folder: answer the dataset into PREDICTIONS first")
     g.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
-    g.add_argument("--window", default="abdomen", help="CT window: abdomen, lung, bone, brain, minmax")
+    g.add_argument(
+        "--window", help="CT window: abdomen, lung, bone, brain, minmax (default: the model's own)"
+    )
     g.add_argument(
         "--image-reliance",
         action="store_true",

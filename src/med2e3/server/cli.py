@@ -10,9 +10,13 @@ import socket
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from med2e3.errors import ConfigError, Med2E3Error
 from med2e3.server.settings import MB, ServerSettings, check_bind
+
+if TYPE_CHECKING:
+    from med2e3.inference import Med2E3Predictor
 
 TOKEN_ENV = "MED2E3_TOKEN"
 
@@ -50,7 +54,13 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
         "later ones decode ~7x faster (default: on with CUDA, off on CPU)",
     )
     p.add_argument(
-        "--window", default="abdomen", help="CT window the model sees: abdomen, lung, bone, brain, minmax"
+        "--window",
+        help="CT window the model sees: abdomen, lung, bone, brain, minmax (default: the model's own)",
+    )
+    p.add_argument(
+        "--orientation",
+        choices=["axial", "acquisition"],
+        help="how uploads are read: axial slices or the scan's own slice axis (default: the model's own)",
     )
     p.add_argument("--max-upload-mb", type=float, default=512, help="largest upload (default 512)")
     p.add_argument("--ttl", type=float, default=3600, help="seconds an unused upload is kept (default 3600)")
@@ -114,13 +124,26 @@ def check_args(args: argparse.Namespace) -> ServerSettings:
     from med2e3.inference import check_model_folder
 
     check_bind(args.host, args.token)
-    if args.window not in WINDOWS:
+    if args.window is not None and args.window not in WINDOWS:
         raise ConfigError(f"--window: unknown window {args.window!r}; valid names: {', '.join(WINDOWS)}")
     if args.threads is not None and args.threads < 1:
         raise ConfigError(f"--threads: must be at least 1, got {args.threads}")
     settings = settings_from_args(args)
     check_model_folder(args.model)
     return settings
+
+
+def load_predictor(args: argparse.Namespace) -> Med2E3Predictor:
+    """The predictor ``serve`` answers with: the model's own preprocessing unless a flag overrides it."""
+    import torch
+
+    from med2e3.inference import Med2E3Predictor  # noqa: F811 (the runtime import)
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    compile = device.type == "cuda" if args.compile is None else args.compile
+    return Med2E3Predictor.from_pretrained(
+        args.model, device=device, window=args.window, orientation=args.orientation, compile=compile
+    )
 
 
 def serve(args: argparse.Namespace) -> int:
@@ -133,18 +156,12 @@ def serve(args: argparse.Namespace) -> int:
         raise Med2E3Error(f"the server needs {err.name}: pip install 'med2e3[server]'") from None
     import torch
 
-    from med2e3.inference import Med2E3Predictor
-
     settings = check_args(args)
     sock = listen(args.host, args.port)
     try:
         if args.threads is not None:
             torch.set_num_threads(args.threads)
-        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        compile = device.type == "cuda" if args.compile is None else args.compile
-        predictor = Med2E3Predictor.from_pretrained(
-            args.model, device=device, window=args.window, compile=compile
-        )
+        predictor = load_predictor(args)
         app = create_app(predictor, settings, model_name=model_name_of(args.model))
         host, port = sock.getsockname()[:2]
         shown = f"[{host}]" if ":" in host else host

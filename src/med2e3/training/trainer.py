@@ -12,6 +12,7 @@ import json
 import os
 import re
 import shutil
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,7 @@ import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
 
 from med2e3.config import Med2E3Config
-from med2e3.data.processor import Med2E3Processor
+from med2e3.data.processor import Med2E3Processor, check_window
 from med2e3.errors import ConfigError
 from med2e3.files import write_atomic
 from med2e3.model import Med2E3ForConditionalGeneration
@@ -57,6 +58,9 @@ def build_model(config: TrainConfig) -> tuple[Med2E3ForConditionalGeneration, Me
         )
     processor.max_length = config.max_length
     processor.check_config(model.config)
+    processor.window = check_window(config.data.window)  # the preprocessing travels with the model
+    orientations = Counter(source.orientation for source in config.data.train)
+    processor.orientation = orientations.most_common(1)[0][0]
     return model, processor
 
 
