@@ -20,9 +20,15 @@ Handler = Callable[[argparse.Namespace], int]
 
 
 def _train(args: argparse.Namespace) -> int:
-    from med2e3.training import load_config, train
+    from med2e3.training import load_config, preflight
 
-    out = train(load_config(args.config, args.overrides))
+    config = load_config(args.config, args.overrides)
+    if preflight(config, args.overwrite):  # before torch and the model are imported
+        print(f"{config.output_dir} already holds this run, finished (--overwrite trains it again)")
+        return 0
+    from med2e3.training import train
+
+    out = train(config, overwrite=args.overwrite)
     print(f"model written to {out}")
     return 0
 
@@ -148,13 +154,19 @@ def build_parser() -> argparse.ArgumentParser:
         "train",
         help="train one stage from a YAML config",
         description="Train one stage (pretrain / finetune) from a YAML config, resuming from the last "
-        "complete checkpoint in its output_dir.",
+        "complete checkpoint in its output_dir when the settings are the same.",
         epilog="example: med2e3 train configs/tiny-pretrain.yaml epochs=1 model.slice_aggregation=mean\n"
         "multi-process: torchrun --nproc_per_node 2 -m med2e3.training configs/tiny-pretrain.yaml",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("config", help="a YAML training config (see configs/)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="override config values, e.g. lr=1e-4")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="discard a run already in output_dir (checkpoints, loss log) and train from scratch; without it "
+        "a rerun resumes only with the same settings",
+    )
     p.set_defaults(handler=_train)
 
     p = _subcommand(

@@ -41,3 +41,12 @@ class InputError(Med2E3Error, ValueError):
 
 class ConfigError(Med2E3Error, ValueError):
     """A configuration is invalid: names the field and the problem."""
+
+
+class OutputError(Med2E3Error, ValueError):
+    """An output path cannot be written safely (a file where a folder belongs, not writable, not ours)."""
+
+    def __init__(self, path: str | Path, reason: str):
+        self.path = Path(path)
+        self.reason = reason
+        super().__init__(f"{path}: {reason}")

@@ -6,6 +6,7 @@ Relative paths in a config are taken relative to the current working directory.
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -17,6 +18,9 @@ import yaml
 from med2e3.errors import ConfigError
 
 DataFormat = Literal["conversations", "m3d_cap", "m3d_vqa", "ct_rate"]
+
+#: A decimal number as people write it (``1e-4``, ``5E-5``, ``.5``), which YAML 1.1 reads as a string.
+_NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 
 
 @dataclass
@@ -108,6 +112,50 @@ class TrainConfig:
         unknown = set(self.report_to) - {"csv", "tensorboard"}
         if unknown:
             raise ConfigError(f"report_to: unknown logger(s) {sorted(unknown)}; use csv and/or tensorboard")
+        from med2e3.data.io import WINDOWS  # nibabel: only once a config is read
+
+        if self.data.window not in WINDOWS:
+            raise ConfigError(f"data.window must be one of {list(WINDOWS)}, got {self.data.window!r}")
+        _check_ranges(self)
+
+
+#: Lower bounds of numeric fields (None allowed where the field is optional); the Trainer fails late otherwise.
+_MINIMUM: dict[str, float] = {
+    "epochs": 0,
+    "batch_size": 1,
+    "grad_accum": 1,
+    "lr": 0,
+    "weight_decay": 0,
+    "warmup_ratio": 0,
+    "max_grad_norm": 0,
+    "max_length": 1,
+    "logging_steps": 1,
+    "save_steps": 1,
+    "save_total_limit": 1,
+    "eval_steps": 1,
+    "data.num_workers": 0,
+    "lora.r": 1,
+    "lora.alpha": 1,
+    "lora.dropout": 0,
+}
+
+
+def _check_ranges(config: TrainConfig) -> None:
+    """Raise ConfigError naming the first numeric field below its minimum (or a bad max_steps)."""
+    for key, minimum in _MINIMUM.items():
+        value = _get(config, key)
+        if value is not None and value < minimum:
+            raise ConfigError(f"{key} must be at least {minimum}, got {value}")
+    if config.max_steps == 0 or config.max_steps < -1:
+        raise ConfigError(f"max_steps must be -1 (use epochs) or at least 1, got {config.max_steps}")
+    if config.warmup_ratio >= 1:
+        raise ConfigError(f"warmup_ratio must be below 1, got {config.warmup_ratio}")
+
+
+def _get(config: Any, dotted: str) -> Any:
+    for part in dotted.split("."):
+        config = getattr(config, part)
+    return config
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> TrainConfig:
@@ -187,6 +235,8 @@ def _coerce(hint: Any, value: Any, key: str) -> Any:
         return [_coerce(args[0], v, f"{key}[{i}]") for i, v in enumerate(value)]
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if hint is float and isinstance(value, str) and _NUMBER.fullmatch(value.strip()):
+        return float(value)  # YAML 1.1 reads 1e-4 (no dot) as a string
     if hint in (int, float, str, bool) and not (
         isinstance(value, hint) and not (hint is int and isinstance(value, bool))
     ):

@@ -10,14 +10,12 @@ from __future__ import annotations
 import csv
 import json
 import os
-import re
-import shutil
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
+from transformers.trainer_callback import TrainerCallback
 
 from med2e3.config import Med2E3Config
 from med2e3.data.processor import Med2E3Processor, check_window
@@ -26,11 +24,19 @@ from med2e3.files import write_atomic
 from med2e3.model import Med2E3ForConditionalGeneration
 from med2e3.training.config import TrainConfig, config_to_dict
 from med2e3.training.data import Collator, VolumeCache, VolumeTextDataset, load_examples
+from med2e3.training.runs import (
+    COMPLETE_MARKER,
+    LOSS_LOG,
+    TRAINING_INFO,
+    check_model_folder,
+    discard_run,
+    last_complete_checkpoint,
+    preflight,
+    record_settings,
+    rotate_checkpoints,
+)
 
-TRAINING_INFO = "training_info.json"
-COMPLETE_MARKER = "checkpoint_complete"
-LOSS_LOG = "loss_log.csv"
-_CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+__all__ = ["COMPLETE_MARKER", "LOSS_LOG", "TRAINING_INFO", "build_model", "last_complete_checkpoint", "train"]
 
 
 # ---- model ----------------------------------------------------------------------------------------
@@ -64,22 +70,6 @@ def build_model(config: TrainConfig) -> tuple[Med2E3ForConditionalGeneration, Me
     return model, processor
 
 
-def check_model_folder(folder: Path) -> None:
-    """Raise ConfigError unless ``folder`` holds a med2e3 model (e.g. a stage-1 output)."""
-    config_file = folder / "config.json"
-    if not folder.is_dir():
-        raise ConfigError(f"{folder}: model.init_from is not a folder")
-    if not config_file.is_file():
-        raise ConfigError(
-            f"{folder}: no config.json; model.init_from must be a med2e3 output folder (stage 1)"
-        )
-    model_type = json.loads(config_file.read_text()).get("model_type")
-    if model_type != Med2E3Config.model_type:
-        raise ConfigError(f"{folder}: config.json is a {model_type!r} model, not a med2e3 model")
-    if not any(folder.glob("*.safetensors")):
-        raise ConfigError(f"{folder}: no weights (*.safetensors); was the stage-1 run finished?")
-
-
 def apply_lora(model: Med2E3ForConditionalGeneration, config: TrainConfig) -> None:
     """Wrap the LLM with PEFT LoRA adapters (its base weights frozen)."""
     from peft import LoraConfig, get_peft_model
@@ -95,26 +85,13 @@ def apply_lora(model: Med2E3ForConditionalGeneration, config: TrainConfig) -> No
 
 
 # ---- checkpoints ----------------------------------------------------------------------------------
-def last_complete_checkpoint(output_dir: Path) -> Path | None:
-    """The newest checkpoint whose save finished; unfinished ones are moved out of the way."""
-    if not output_dir.is_dir():
-        return None
-    found = []
-    for path in output_dir.iterdir():
-        match = _CHECKPOINT.match(path.name)
-        if match and path.is_dir():
-            if (path / COMPLETE_MARKER).is_file():
-                found.append((int(match.group(1)), path))
-            else:  # interrupted save: never resume from it, never let the Trainer rotate it in
-                shutil.rmtree(path, ignore_errors=True)
-    return max(found)[1] if found else None
-
-
 class CheckpointCallback(TrainerCallback):
-    """After each checkpoint save: add the processor files and the completion marker (written last)."""
+    """After each checkpoint save: add the processor files and the completion marker (written last), then
+    delete the complete checkpoints beyond ``keep`` (never before the new one is complete)."""
 
-    def __init__(self, processor: Med2E3Processor):
+    def __init__(self, processor: Med2E3Processor, keep: int | None):
         self.processor = processor
+        self.keep = keep
 
     def on_save(self, args, state, control, **kwargs):
         if state.is_world_process_zero:
@@ -122,6 +99,7 @@ class CheckpointCallback(TrainerCallback):
             if folder.is_dir():
                 self.processor.save_pretrained(folder)
                 write_atomic(folder / COMPLETE_MARKER, f"{state.global_step}\n")
+                rotate_checkpoints(Path(args.output_dir), self.keep)
 
 
 class EpochCallback(TrainerCallback):
@@ -166,7 +144,10 @@ class CsvLossLog(TrainerCallback):
 
 
 # ---- entry point ----------------------------------------------------------------------------------
-def training_arguments(config: TrainConfig) -> TrainingArguments:
+def training_arguments(config: TrainConfig) -> Any:
+    """The Trainer's arguments (checkpoint rotation is `CheckpointCallback`'s, not the Trainer's)."""
+    from transformers import TrainingArguments
+
     on_gpu = torch.cuda.is_available()
     return TrainingArguments(
         output_dir=config.output_dir,
@@ -188,7 +169,7 @@ def training_arguments(config: TrainConfig) -> TrainingArguments:
         logging_first_step=True,
         save_strategy="steps",
         save_steps=config.save_steps,
-        save_total_limit=config.save_total_limit,
+        save_total_limit=None,
         eval_strategy="steps" if config.data.eval and config.eval_steps else "no",
         eval_steps=config.eval_steps,
         report_to=["tensorboard"] if "tensorboard" in config.report_to else "none",
@@ -205,9 +186,18 @@ def training_arguments(config: TrainConfig) -> TrainingArguments:
     )
 
 
-def train(config: TrainConfig) -> Path:
-    """Run one stage; return the output folder (a complete `from_pretrained` model with its processor)."""
+def train(config: TrainConfig, overwrite: bool = False) -> Path:
+    """Run one stage; return the output folder (a complete `from_pretrained` model with its processor).
+
+    Everything is checked before any folder is created (`preflight`). A folder holding a run with the same
+    result settings resumes it from its last complete checkpoint, or is returned as is when that run
+    finished; other settings raise ConfigError naming the keys. ``overwrite`` discards the old run first.
+    """
     output_dir = Path(config.output_dir)
+    if preflight(config, overwrite):
+        return output_dir
+    from transformers import Trainer, set_seed  # where a run starts: a refused run never pays for it
+
     examples = load_examples(config.data.train, config.data.on_error)
     eval_examples = load_examples(config.data.eval, config.data.on_error) if config.data.eval else []
     set_seed(config.seed)
@@ -223,7 +213,10 @@ def train(config: TrainConfig) -> Path:
     cache = VolumeCache(config.data.cache_dir, size, config.data.window)
     train_set = VolumeTextDataset(examples, cache, augment=config.data.augment, seed=config.seed)
     eval_set = VolumeTextDataset(eval_examples, cache) if eval_examples else None
-    callbacks: list[TrainerCallback] = [CheckpointCallback(processor), EpochCallback(train_set)]
+    callbacks: list[TrainerCallback] = [
+        CheckpointCallback(processor, config.save_total_limit),
+        EpochCallback(train_set),
+    ]
     if "csv" in config.report_to:
         callbacks.append(CsvLossLog(output_dir))
     trainer = Trainer(
@@ -234,8 +227,7 @@ def train(config: TrainConfig) -> Path:
         data_collator=Collator(processor),
         callbacks=callbacks,
     )
-    output_dir.mkdir(parents=True, exist_ok=True)
-    resume = last_complete_checkpoint(output_dir) if trainer.is_world_process_zero() else None
+    resume = _start_run(config, overwrite) if trainer.is_world_process_zero() else None
     resume = _broadcast_path(resume)
     result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     if trainer.is_world_process_zero():
@@ -253,6 +245,16 @@ def train(config: TrainConfig) -> Path:
         }
         write_atomic(output_dir / TRAINING_INFO, json.dumps(info, indent=2) + "\n")  # last: marks completion
     return output_dir
+
+
+def _start_run(config: TrainConfig, overwrite: bool) -> Path | None:
+    """Rank 0: discard an old run when asked, record the settings, return the checkpoint to resume from."""
+    output_dir = Path(config.output_dir)
+    if overwrite:
+        discard_run(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    record_settings(config)
+    return last_complete_checkpoint(output_dir)
 
 
 def _broadcast_path(path: Path | None) -> Path | None:
