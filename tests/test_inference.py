@@ -172,3 +172,16 @@ def test_stream_raises_a_generation_error_instead_of_hanging(predictor, volume_p
     monkeypatch.setattr(predictor.model, "generate", broken)
     with pytest.raises(RuntimeError, match="generation failed"):
         list(predictor.stream(QUESTIONS[0], max_new_tokens=4, timeout=30))
+
+
+def test_completed_ids_never_drops_a_users_line(tmp_path):
+    out = tmp_path / "answers.jsonl"
+    good = [json.dumps({"id": f"q{i}", "answer": "x"}) for i in range(2)]
+    out.write_text(f"{good[0]}\n[1, 2]\n{good[1]}\n")
+    before = out.read_bytes()
+    with pytest.raises(DatasetError, match=r"answers.jsonl \(row 2\)"):
+        completed_ids(out)
+    assert out.read_bytes() == before
+    out.write_text(f"{good[0]}\n{good[1]}")  # a complete last line without its newline: appends go after it
+    assert completed_ids(out) == {"q0", "q1"}
+    assert out.read_text() == f"{good[0]}\n{good[1]}\n"

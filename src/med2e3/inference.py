@@ -374,22 +374,43 @@ class Med2E3Predictor:
 
 
 def completed_ids(path: Path) -> set[str]:
-    """Ids already answered in a batch output; a torn last line (crash mid-write) is cut off."""
+    """Ids already answered in a batch output.
+
+    Only what an interrupted write leaves, a last line with no newline that does not parse, is cut off;
+    any other line that is not a JSON object with a string ``id`` raises DatasetError naming the file
+    and line, and the file is left as it is. A last line without its newline gets one, so appends stay
+    on lines of their own.
+    """
     if not path.is_file():
         return set()
     ids: set[str] = set()
-    good = 0
-    with path.open("rb") as f:
-        for raw in f:
-            try:
-                ids.add(json.loads(raw)["id"])
-            except (json.JSONDecodeError, KeyError, UnicodeDecodeError):
-                break
-            good += len(raw)
-    if good < path.stat().st_size:
-        with path.open("r+b") as f:
-            f.truncate(good)
+    data = path.read_bytes()
+    lines = data.splitlines(keepends=True)
+    for number, raw in enumerate(lines, start=1):
+        row_id = _answer_id(raw)
+        if row_id is not None:
+            ids.add(row_id)
+        elif number == len(lines) and not raw.endswith(b"\n"):  # torn by a crash mid-write
+            with path.open("r+b") as f:
+                f.truncate(len(data) - len(raw))
+            return ids
+        elif raw.strip():
+            raise DatasetError(
+                path, "not an answer line (a JSON object with a string 'id'); fix or remove it", row=number
+            )
+    if data and not data.endswith(b"\n"):
+        with path.open("ab") as f:
+            f.write(b"\n")
     return ids
+
+
+def _answer_id(raw: bytes) -> str | None:
+    """The ``id`` of one output line, None when the line is not a JSON object with a string id."""
+    try:
+        row = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    return row["id"] if isinstance(row, dict) and isinstance(row.get("id"), str) else None
 
 
 def read_batch_input(path: str | Path) -> list[dict[str, str]]:

@@ -253,10 +253,11 @@ def test_ablation_table_and_markers(tmp_path):
     assert "| Closed VQA: overall | 30.0 ± 14.1 | 50.0 ± 0.0 |" in table
     assert "| Report: bleu1 | n/a | n/a |" in table
     results = tmp_path / "results.md"
-    results.write_text(f"# Results\n\nintro\n\n{ablation.BEGIN}\nold\n{ablation.END}\n\ndiscussion\n")
+    old = f"{ablation.SIGNATURE} (complete) old table_"
+    results.write_text(f"# Results\n\nintro\n\n{ablation.BEGIN}\n{old}\n{ablation.END}\n\ndiscussion\n")
     ablation.write_results(results, table, ablation.AblationSettings(), 60.0, complete=True)
     text = results.read_text()
-    assert "intro" in text and "discussion" in text and "old" not in text and "30.0 ± 14.1" in text
+    assert "intro" in text and "discussion" in text and "old table" not in text and "30.0 ± 14.1" in text
 
 
 def test_ablation_budgets_identical_across_variants(tmp_path):

@@ -19,7 +19,7 @@ import os
 import statistics
 import tempfile
 from collections import defaultdict
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,7 +32,7 @@ from med2e3.data.datasets import (
     read_m3d_cap,
     read_m3d_vqa,
 )
-from med2e3.errors import DatasetError
+from med2e3.errors import ConfigError, DatasetError
 from med2e3.evaluation.metrics import METRIC_NAMES, closed_vqa_accuracy, score_texts
 from med2e3.evaluation.reliance import ImageReliance, image_reliance, question_dependence
 
@@ -119,16 +119,31 @@ def read_predictions(path: str | Path) -> dict[str, dict[str, Any]]:
     return rows
 
 
-def _match(predictions: Mapping[str, dict[str, Any]], examples: Sequence[Example], path: Path) -> None:
-    """Raise unless predictions and examples have exactly the same ids (names a few of each difference)."""
+def _match(
+    predictions: Mapping[str, dict[str, Any]],
+    examples: Sequence[Example],
+    path: Path,
+    left_out: Collection[str] = (),
+) -> None:
+    """Raise unless predictions and examples have exactly the same ids (names a few of each difference).
+
+    ``left_out``: ids of the dataset that are not evaluated (beyond ``--limit``), named as such.
+    """
     want = {ex.id for ex in examples}
     missing = [ex.id for ex in examples if ex.id not in predictions]
     extra = [pid for pid in predictions if pid not in want]
+    beyond = [pid for pid in extra if pid in left_out]
+    unknown = [pid for pid in extra if pid not in left_out]
     problems = []
     if missing:
         problems.append(f"{len(missing)} example id(s) have no prediction: {_few(missing)}")
-    if extra:
-        problems.append(f"{len(extra)} prediction id(s) are not in the dataset: {_few(extra)}")
+    if beyond:
+        problems.append(
+            f"{len(beyond)} prediction id(s) are in the dataset but beyond the first {len(examples)} "
+            f"examples (--limit): {_few(beyond)}"
+        )
+    if unknown:
+        problems.append(f"{len(unknown)} prediction id(s) are not in the dataset: {_few(unknown)}")
     if problems:
         raise DatasetError(path, "; ".join(problems))
 
@@ -324,11 +339,13 @@ def evaluate(
     *,
     nltk_data: str | Path | None = None,
     bertscore_model: str | Path | None = None,
+    left_out: Collection[str] = (),
 ) -> EvalReport:
     """Score the predictions in ``predictions_jsonl`` against ``examples``, matched by id.
 
-    Raises :class:`~med2e3.errors.DatasetError` when the ids differ (both sides named), a line is
-    broken, or an example is unusable (no answer, unknown question type, closed without a letter).
+    Raises :class:`~med2e3.errors.DatasetError` when the ids differ (both sides named; ids in
+    ``left_out``, the dataset's examples not evaluated, are named as such), a line is broken, or an
+    example is unusable (no answer, unknown question type, closed without a letter).
     """
     path = Path(predictions_jsonl)
     examples = list(examples)
@@ -338,7 +355,7 @@ def evaluate(
     for n, ex in enumerate(examples, start=1):
         _check_example(ex, n)
     predictions = read_predictions(path)
-    _match(predictions, examples, path)
+    _match(predictions, examples, path, left_out)
     samples = [_sample(ex, predictions[ex.id]) for ex in examples]
     by_task: dict[str, list[int]] = defaultdict(list)
     for i, ex in enumerate(examples):
@@ -449,7 +466,11 @@ def load_dataset(
     data_root: str | Path | None = None,
     limit: int | None = None,
 ) -> list[Example]:
-    """Examples of a dataset file: an M3D-VQA CSV, an M3D-Cap JSON (one ``split``) or a conversation JSONL."""
+    """Examples of a dataset file: an M3D-VQA CSV, an M3D-Cap JSON (one ``split``) or a conversation JSONL.
+
+    ``limit``: the first N examples only (at least 1).
+    """
+    _check_limit(limit)
     path = Path(path)
     name = path.name.lower()
     if name.endswith(".csv"):
@@ -461,13 +482,19 @@ def load_dataset(
     else:
         raise DatasetError(path, "unknown dataset format: expected .csv (M3D-VQA), .json (M3D-Cap) or .jsonl")
     examples = list(reader)
-    return examples[:limit] if limit else examples
+    return examples[:limit]
+
+
+def _check_limit(limit: int | None) -> None:
+    if limit is not None and limit < 1:
+        raise ConfigError(f"--limit must be at least 1 (the first N examples), got {limit}")
 
 
 # ---------------------------------------------------------------------------------------- CLI
 
 
 def _eval_command(args: argparse.Namespace) -> int:
+    _check_limit(args.limit)
     if args.image_reliance and not args.model:
         raise DatasetError(None, "--image-reliance needs --model (the questions are answered again)")
     predictor = None
@@ -477,20 +504,24 @@ def _eval_command(args: argparse.Namespace) -> int:
         predictor = Med2E3Predictor.from_pretrained(
             args.model, device=args.device, window=args.window, orientation=args.orientation
         )
-    examples = load_dataset(
+    dataset = load_dataset(
         args.dataset,
         split=args.split,
         form=args.form,
         orientation=args.orientation or (predictor.orientation if predictor else "axial"),
         data_root=args.data_root,
-        limit=args.limit,
     )
+    examples = dataset[: args.limit]
     if predictor is not None:
         tokens = args.max_new_tokens if args.max_new_tokens is not None else None
         n = predict_examples(predictor, examples, args.predictions, max_new_tokens=tokens)
         print(f"{n} answers written to {args.predictions} ({len(examples) - n} were already there)")
     report = evaluate(
-        args.predictions, examples, nltk_data=args.nltk_data, bertscore_model=args.bertscore_model
+        args.predictions,
+        examples,
+        nltk_data=args.nltk_data,
+        bertscore_model=args.bertscore_model,
+        left_out={ex.id for ex in dataset[len(examples) :]},
     )
     if args.image_reliance:
         vqa = [ex for ex in examples if ex.task in ("vqa_closed", "vqa_open")]
