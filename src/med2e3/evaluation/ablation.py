@@ -327,7 +327,10 @@ def check_reuse(out: Path, settings: AblationSettings, data: Path, overwrite: bo
             shutil.rmtree(run)
         return
     if record.is_file():
-        recorded = json.loads(record.read_text())
+        try:
+            recorded = json.loads(record.read_text())
+        except json.JSONDecodeError as err:
+            raise ConfigError(f"{record}: unreadable ({err}); rerun with --overwrite") from None
         if differing_keys(recorded, current):
             raise ConfigError(
                 f"{out} holds ablation runs made with other settings: {describe_differences(recorded, current)}; "
@@ -359,8 +362,6 @@ def run_ablation(
     every run is the same as in a sequential invocation, only the order in which runs finish changes.
     Settings, the results file and the runs to reuse are checked first (`check_reuse`; ``overwrite``).
     """
-    import torch
-
     settings.check()
     start = time.monotonic()
     out = Path(out).resolve()
@@ -370,6 +371,8 @@ def run_ablation(
     write_atomic(
         out / SETTINGS_RECORD, json.dumps(settings.result_settings(), indent=2, sort_keys=True) + "\n"
     )
+    import torch
+
     torch.set_num_threads(settings.threads)
     data = prepare_benchmark(out, settings)
     subsets = eval_examples(data, settings)
