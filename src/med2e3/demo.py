@@ -66,10 +66,10 @@ def _stage(out: Path, data: Path, stage: str, budget: DemoBudget, seed: int) -> 
         raw.update(model={"preset": "tiny"}, epochs=budget.pretrain_epochs, lr=1e-3)
     else:
         raw.update(model={"init_from": str(out / "pretrain")}, epochs=budget.finetune_epochs, lr=5e-4)
-    if (out / stage / TRAINING_INFO).is_file():
+    if (out / stage / TRAINING_INFO).is_file():  # train() checks that it was trained with these settings
         print(f"[demo] {stage}: already trained ({out / stage})")
-        return out / stage
-    print(f"[demo] training stage {'1 (pretrain)' if stage == 'pretrain' else '2 (finetune)'} ...")
+    else:
+        print(f"[demo] training stage {'1 (pretrain)' if stage == 'pretrain' else '2 (finetune)'} ...")
     return train(config_from_dict(raw))
 
 
