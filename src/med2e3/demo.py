@@ -17,8 +17,8 @@ from typing import Any
 
 import torch
 
-from med2e3.data.datasets import Example, read_m3d_vqa
-from med2e3.data.synth import generate_benchmark
+from med2e3.data.datasets import Example
+from med2e3.data.synth import benchmark_examples, benchmark_source, generate_benchmark
 from med2e3.evaluation.metrics import closed_vqa_accuracy
 from med2e3.evaluation.reliance import image_reliance, question_dependence
 from med2e3.evaluation.runner import attention_mass
@@ -40,13 +40,8 @@ class DemoBudget:
 
 
 def _stage(out: Path, data: Path, stage: str, budget: DemoBudget, seed: int) -> Path:
-    cap = {
-        "format": "m3d_cap",
-        "path": str(data / "M3D_Cap.json"),
-        "split": "train",
-        "orientation": "acquisition",
-    }
-    vqa = {"format": "m3d_vqa", "path": str(data / "M3D_VQA_train.csv"), "orientation": "acquisition"}
+    cap = benchmark_source(data, "caption", "train")
+    vqa = benchmark_source(data, "vqa", "train")
     raw: dict[str, Any] = {
         "stage": stage,
         "output_dir": str(out / stage),
@@ -74,7 +69,7 @@ def _stage(out: Path, data: Path, stage: str, budget: DemoBudget, seed: int) -> 
 
 
 def _closed_questions(data: Path, n: int) -> list[Example]:
-    closed = list(read_m3d_vqa(data / "M3D_VQA_test.csv", form="closed", orientation="acquisition"))
+    closed = benchmark_examples(data, "vqa", "test", form="closed")
     step = max(1, len(closed) // n)
     return closed[::step][:n]
 
@@ -162,13 +157,13 @@ def run_demo(
 
     predictor = Med2E3Predictor.from_pretrained(model_dir)
     print(f"[demo] evaluating closed VQA on {budget.eval_questions} held-out questions ...")
-    train_closed = list(read_m3d_vqa(data / "M3D_VQA_train.csv", form="closed", orientation="acquisition"))
+    train_closed = benchmark_examples(data, "vqa", "train", form="closed")
     closed = _closed_questions(data, budget.eval_questions)
     accuracy = _evaluate(predictor, closed, train_closed)
     print("[demo] image reliance: the same questions with another test volume ...")
     reliance = image_reliance(predictor, closed).to_dict()
 
-    examples = list(read_m3d_vqa(data / "M3D_VQA_test.csv", form="open", orientation="acquisition"))[:40:8]
+    examples = benchmark_examples(data, "vqa", "test", form="open")[:40:8]
     asked = []
     for ex in examples:
         predictor.load(ex.volume)

@@ -11,14 +11,18 @@ import numpy as np
 import pytest
 
 from med2e3.data.datasets import (
+    DATASET_FORMATS,
     IMAGE_PLACEHOLDER,
     REPORT_INSTRUCTIONS,
     VQA_COLUMNS,
+    DatasetSource,
     DatasetWarning,
     Example,
     convert,
+    format_of,
     read_conversations,
     read_ct_rate,
+    read_dataset,
     read_m3d_cap,
     read_m3d_vqa,
     write_conversations,
@@ -494,3 +498,33 @@ def test_example_validates(tmp_path: Path) -> None:
         Example("a", tmp_path, "vqa_open", "q", "q", "a", relevant_slices=(-1,))
     example = Example("a", str(tmp_path), "vqa_open", "q", "q", "a", relevant_slices=[1, 2])  # type: ignore[arg-type]
     assert example.volume == tmp_path and example.relevant_slices == (1, 2)
+
+
+def test_registry_opens_every_format_from_one_source_type(
+    cap_json: Path, vqa_csv: Path, ct_rate: tuple[Path, Path], tmp_path: Path
+) -> None:
+    reports, vol_dir = ct_rate
+    conversations = write_conversations(list(read_m3d_vqa(vqa_csv)), tmp_path / "conv.jsonl")
+    cases = {
+        "m3d_cap": (DatasetSource("m3d_cap", str(cap_json), split="train"), read_m3d_cap(cap_json, "train")),
+        "m3d_vqa": (DatasetSource("m3d_vqa", str(vqa_csv), form="open"), read_m3d_vqa(vqa_csv, form="open")),
+        "ct_rate": (
+            DatasetSource("ct_rate", str(reports), volume_dir=str(vol_dir)),
+            read_ct_rate(reports, vol_dir),
+        ),
+        "conversations": (
+            DatasetSource("conversations", str(conversations)),
+            read_conversations(conversations),
+        ),
+    }
+    assert set(cases) == set(DATASET_FORMATS)
+    for source, expected in cases.values():
+        assert read_dataset(source) == list(expected)
+    assert len(read_dataset(DatasetSource("m3d_vqa", str(vqa_csv), limit=1))) == 1
+    assert format_of(cap_json) == "m3d_cap" and format_of(conversations) == "conversations"
+    with pytest.raises(DatasetError, match="needs a split"):
+        read_dataset(DatasetSource("m3d_cap", str(cap_json)))
+    with pytest.raises(DatasetError, match="needs volume_dir"):
+        read_dataset(DatasetSource("ct_rate", str(reports)))
+    with pytest.raises(DatasetError, match="unknown format 'mimic'"):
+        read_dataset(DatasetSource("mimic", str(reports)))  # type: ignore[arg-type]

@@ -52,6 +52,7 @@ Orientation = Literal["axial", "acquisition"]
 OnError = Literal["raise", "skip"]
 VqaForm = Literal["closed", "open", "both"]
 SourceFormat = Literal["m3d_cap", "m3d_vqa", "ct_rate"]
+DataFormat = Literal["conversations", "m3d_cap", "m3d_vqa", "ct_rate"]
 
 TASKS: tuple[str, ...] = get_args(Task)
 ORIENTATIONS: tuple[str, ...] = get_args(Orientation)
@@ -695,12 +696,93 @@ def write_conversations(examples: Iterable[Example], jsonl_path: str | Path) -> 
     return path
 
 
-#: Source format name -> reader, for :func:`convert`.
-SOURCE_READERS: dict[str, Callable[..., ExampleReader]] = {
-    "m3d_cap": read_m3d_cap,
-    "m3d_vqa": read_m3d_vqa,
-    "ct_rate": read_ct_rate,
+# ---------------------------------------------------------------------------------------------
+# The registry: one place that knows every format
+
+
+@dataclass
+class DatasetSource:
+    """One dataset file in a known format (a ``data.train`` / ``data.eval`` entry of a training config).
+
+    ``split``: M3D-Cap's split; ``form``: which M3D-VQA questions; ``volume_dir``: CT-RATE's volumes;
+    ``data_root``: the folder relative volume paths start from; ``limit``: the first N examples only.
+    """
+
+    format: DataFormat
+    path: str
+    split: str | None = None
+    form: VqaForm = "both"
+    volume_dir: str | None = None
+    data_root: str | None = None
+    orientation: Orientation = "axial"
+    limit: int | None = None
+
+
+def _open_m3d_cap(source: DatasetSource, on_error: OnError) -> ExampleReader:
+    if not source.split:
+        raise DatasetError(source.path, "an m3d_cap source needs a split (train / validation / test)")
+    return read_m3d_cap(
+        source.path, source.split, source.data_root, orientation=source.orientation, on_error=on_error
+    )
+
+
+def _open_m3d_vqa(source: DatasetSource, on_error: OnError) -> ExampleReader:
+    return read_m3d_vqa(
+        source.path, source.data_root, source.form, orientation=source.orientation, on_error=on_error
+    )
+
+
+def _open_ct_rate(source: DatasetSource, on_error: OnError) -> ExampleReader:
+    if not source.volume_dir:
+        raise DatasetError(source.path, "a ct_rate source needs volume_dir (the folder of its NIfTI files)")
+    return read_ct_rate(source.path, source.volume_dir, orientation=source.orientation, on_error=on_error)
+
+
+def _open_conversations(source: DatasetSource, on_error: OnError) -> ExampleReader:
+    return read_conversations(source.path, source.data_root, on_error=on_error)
+
+
+@dataclass(frozen=True)
+class DatasetFormat:
+    """A known format: its reader (the file's own arguments) and how a `DatasetSource` opens it."""
+
+    reader: Callable[..., ExampleReader]
+    open: Callable[[DatasetSource, OnError], ExampleReader]
+
+
+#: Format name -> reader. Adding a format: a reader, an entry here, its name in `DataFormat`.
+DATASET_FORMATS: dict[str, DatasetFormat] = {
+    "conversations": DatasetFormat(read_conversations, _open_conversations),
+    "m3d_cap": DatasetFormat(read_m3d_cap, _open_m3d_cap),
+    "m3d_vqa": DatasetFormat(read_m3d_vqa, _open_m3d_vqa),
+    "ct_rate": DatasetFormat(read_ct_rate, _open_ct_rate),
 }
+
+
+def open_dataset(source: DatasetSource, on_error: OnError = "raise") -> ExampleReader:
+    """The reader of ``source`` (its examples, lazily; ``source.limit`` is applied by `read_dataset`)."""
+    if source.format not in DATASET_FORMATS:
+        raise DatasetError(
+            source.path, f"unknown format {source.format!r}; known: {', '.join(DATASET_FORMATS)}"
+        )
+    return DATASET_FORMATS[source.format].open(source, on_error)
+
+
+def read_dataset(source: DatasetSource, on_error: OnError = "raise") -> list[Example]:
+    """All examples of ``source`` (the first ``source.limit`` when set)."""
+    if source.limit is not None and source.limit < 1:
+        raise DatasetError(source.path, f"limit must be at least 1, got {source.limit}")
+    examples = list(open_dataset(source, on_error))
+    return examples[: source.limit] if source.limit else examples
+
+
+def format_of(path: str | Path) -> str:
+    """The format a dataset file's name implies: .csv M3D-VQA, .json M3D-Cap, .jsonl conversations."""
+    name = Path(path).name.lower()
+    for suffix, fmt in ((".jsonl", "conversations"), (".json", "m3d_cap"), (".csv", "m3d_vqa")):
+        if name.endswith(suffix):
+            return fmt
+    raise DatasetError(path, "unknown dataset format: expected .csv (M3D-VQA), .json (M3D-Cap) or .jsonl")
 
 
 def convert(
@@ -712,8 +794,8 @@ def convert(
     ``convert("m3d_vqa", "M3D_VQA_train.csv", out_jsonl="vqa.jsonl", form="closed")`` or
     ``convert("m3d_cap", "M3D_Cap.json", "train", out_jsonl="cap.jsonl", on_error="skip")``.
     """
-    if source_format not in SOURCE_READERS:
-        raise ValueError(f"unknown source format {source_format!r}; expected one of {list(SOURCE_READERS)}")
-    reader = SOURCE_READERS[source_format](*inputs, **options)
+    if source_format not in get_args(SourceFormat):
+        raise ValueError(f"unknown source format {source_format!r}; expected one of {get_args(SourceFormat)}")
+    reader = DATASET_FORMATS[source_format].reader(*inputs, **options)
     write_conversations(reader, out_jsonl)
     return reader.report

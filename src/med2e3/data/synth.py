@@ -27,13 +27,13 @@ import time
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import nibabel as nib
 import numpy as np
 from tqdm import tqdm
 
-from med2e3.data.datasets import VQA_COLUMNS, VQA_OPTIONAL_COLUMNS
+from med2e3.data.datasets import VQA_COLUMNS, VQA_OPTIONAL_COLUMNS, DatasetSource, Example, read_dataset
 from med2e3.errors import ConfigError
 from med2e3.files import write_atomic
 
@@ -1218,6 +1218,34 @@ def _split_names(n: int, seed: int, splits: Sequence[float]) -> list[str]:
     return names
 
 
+CAPTIONS_FILE = "M3D_Cap.json"
+VQA_FILE = "M3D_VQA_{split}.csv"
+
+
+def benchmark_source(
+    root: str | Path, kind: Literal["caption", "vqa"], split: str, form: str = "both"
+) -> dict[str, str]:
+    """One file of a generated benchmark as a dataset source (a training config's ``data`` entry; see
+    `med2e3.data.datasets.DatasetSource`). The benchmark is read in acquisition orientation (docs/data.md)."""
+    root = Path(root)
+    if kind == "caption":
+        return {
+            "format": "m3d_cap",
+            "path": str(root / CAPTIONS_FILE),
+            "split": split,
+            "orientation": "acquisition",
+        }
+    path = root / VQA_FILE.format(split=split)
+    return {"format": "m3d_vqa", "path": str(path), "form": form, "orientation": "acquisition"}
+
+
+def benchmark_examples(
+    root: str | Path, kind: Literal["caption", "vqa"], split: str, form: str = "both"
+) -> list[Example]:
+    """The examples of one file of a generated benchmark (see `benchmark_source`)."""
+    return read_dataset(DatasetSource(**benchmark_source(root, kind, split, form)))
+
+
 def generate_benchmark(
     out_dir: str | Path,
     n_volumes: int,
@@ -1302,10 +1330,10 @@ def _write_index(
                 ]
             )
     paths = {
-        "cap": out / "M3D_Cap.json",
+        "cap": out / CAPTIONS_FILE,
         "labels": out / "labels.jsonl",
         "readme": out / "README.md",
-        **{f"vqa_{s}": out / f"M3D_VQA_{s}.csv" for s in SPLITS},
+        **{f"vqa_{s}": out / VQA_FILE.format(split=s) for s in SPLITS},
     }
     write_atomic(paths["cap"], json.dumps(cap, indent=1).encode())
     for s in SPLITS:

@@ -27,7 +27,7 @@ from typing import Any
 
 from med2e3.data.datasets import QUESTION_TYPES, Example
 from med2e3.errors import ConfigError, OutputError
-from med2e3.evaluation.runner import evaluate, load_dataset, predict_examples
+from med2e3.evaluation.runner import evaluate, predict_examples
 from med2e3.files import write_atomic
 
 VARIANTS: tuple[str, ...] = ("none", "mean", "tgis")
@@ -110,18 +110,10 @@ def stage_overrides(
     stage: str, run: Path, data: Path, variant: str, seed: int, settings: AblationSettings
 ) -> list[str]:
     """Config overrides of one training stage of one run (identical for every variant but the name)."""
-    cap = {
-        "format": "m3d_cap",
-        "path": str(data / "M3D_Cap.json"),
-        "split": "train",
-        "orientation": "acquisition",
-    }
-    vqa = {
-        "format": "m3d_vqa",
-        "path": str(data / "M3D_VQA_train.csv"),
-        "form": "both",
-        "orientation": "acquisition",
-    }
+    from med2e3.data.synth import benchmark_source
+
+    cap = benchmark_source(data, "caption", "train")
+    vqa = benchmark_source(data, "vqa", "train")
     steps = settings.pretrain_steps if stage == "pretrain" else settings.finetune_steps
     common = [
         f"output_dir={run / stage}",
@@ -172,8 +164,10 @@ def train_run(run: Path, data: Path, variant: str, seed: int, settings: Ablation
 
 def eval_examples(data: Path, settings: AblationSettings) -> dict[str, list[Example]]:
     """The fixed test subsets: first N closed and open questions of the test CSV, first N test reports."""
-    vqa = load_dataset(data / "M3D_VQA_test.csv", form="both", orientation="acquisition")
-    reports = load_dataset(data / "M3D_Cap.json", split="test", orientation="acquisition")
+    from med2e3.data.synth import benchmark_examples
+
+    vqa = benchmark_examples(data, "vqa", "test")
+    reports = benchmark_examples(data, "caption", "test")
     return {
         "closed": [e for e in vqa if e.task == "vqa_closed"][: settings.closed_eval],
         "open": [e for e in vqa if e.task == "vqa_open"][: settings.open_eval],

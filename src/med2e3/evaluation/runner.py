@@ -25,12 +25,13 @@ from pathlib import Path
 from typing import Any
 
 from med2e3.data.datasets import (
+    DATASET_FORMATS,
     ORIENTATIONS,
     QUESTION_TYPES,
+    DatasetSource,
     Example,
-    read_conversations,
-    read_m3d_cap,
-    read_m3d_vqa,
+    format_of,
+    read_dataset,
 )
 from med2e3.errors import ConfigError, DatasetError
 from med2e3.evaluation.metrics import METRIC_NAMES, closed_vqa_accuracy, score_texts
@@ -460,29 +461,30 @@ def _attention(
 def load_dataset(
     path: str | Path,
     *,
+    format: str | None = None,
     split: str = "test",
     form: str = "both",
     orientation: str = "axial",
     data_root: str | Path | None = None,
+    volume_dir: str | Path | None = None,
     limit: int | None = None,
 ) -> list[Example]:
-    """Examples of a dataset file: an M3D-VQA CSV, an M3D-Cap JSON (one ``split``) or a conversation JSONL.
+    """Examples of a dataset file in any registered format (default: the one its name implies, see
+    `med2e3.data.datasets.format_of`); ``split`` is M3D-Cap's, ``form`` M3D-VQA's, ``volume_dir`` CT-RATE's.
 
     ``limit``: the first N examples only (at least 1).
     """
-    _check_limit(limit)
-    path = Path(path)
-    name = path.name.lower()
-    if name.endswith(".csv"):
-        reader = read_m3d_vqa(path, data_root, form, orientation=orientation)  # type: ignore[arg-type]
-    elif name.endswith(".jsonl"):
-        reader = read_conversations(path, data_root)
-    elif name.endswith(".json"):
-        reader = read_m3d_cap(path, split, data_root, orientation=orientation)  # type: ignore[arg-type]
-    else:
-        raise DatasetError(path, "unknown dataset format: expected .csv (M3D-VQA), .json (M3D-Cap) or .jsonl")
-    examples = list(reader)
-    return examples[:limit]
+    source = DatasetSource(
+        format=format or format_of(path),  # type: ignore[arg-type]
+        path=str(path),
+        split=split,
+        form=form,  # type: ignore[arg-type]
+        volume_dir=None if volume_dir is None else str(volume_dir),
+        data_root=None if data_root is None else str(data_root),
+        orientation=orientation,  # type: ignore[arg-type]
+        limit=limit,
+    )
+    return read_dataset(source)
 
 
 def _check_limit(limit: int | None) -> None:
@@ -506,6 +508,8 @@ def _eval_command(args: argparse.Namespace) -> int:
         )
     dataset = load_dataset(
         args.dataset,
+        format=args.format,
+        volume_dir=args.volume_dir,
         split=args.split,
         form=args.form,
         orientation=args.orientation or (predictor.orientation if predictor else "axial"),
@@ -550,6 +554,12 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument(
         "--dataset", required=True, help="M3D-VQA CSV, M3D-Cap JSON (with --split) or conversation JSONL"
     )
+    p.add_argument(
+        "--format",
+        choices=list(DATASET_FORMATS),
+        help="dataset format (default: by file name: .csv m3d_vqa, .json m3d_cap, .jsonl conversations)",
+    )
+    p.add_argument("--volume-dir", help="ct_rate: the folder of the CT-RATE NIfTI volumes")
     p.add_argument("--split", default="test", help="M3D-Cap split (default test)")
     p.add_argument("--form", choices=("closed", "open", "both"), default="both", help="M3D-VQA form")
     p.add_argument(

@@ -15,9 +15,8 @@ from typing import Any, Literal
 
 import yaml
 
+from med2e3.data.datasets import DatasetSource
 from med2e3.errors import ConfigError
-
-DataFormat = Literal["conversations", "m3d_cap", "m3d_vqa", "ct_rate"]
 
 #: A decimal number as people write it (``1e-4``, ``5E-5``, ``.5``), which YAML 1.1 reads as a string.
 _NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
@@ -34,23 +33,9 @@ class ModelSection:
 
 
 @dataclass
-class DataSource:
-    """One dataset file in a published format (see `med2e3.data.datasets`)."""
-
-    format: DataFormat
-    path: str
-    split: str | None = None  # m3d_cap: train / validation / test
-    form: Literal["closed", "open", "both"] = "both"  # m3d_vqa
-    volume_dir: str | None = None  # ct_rate
-    data_root: str | None = None
-    orientation: Literal["axial", "acquisition"] = "axial"
-    limit: int | None = None  # first N examples only
-
-
-@dataclass
 class DataSection:
-    train: list[DataSource] = field(default_factory=list)
-    eval: list[DataSource] = field(default_factory=list)
+    train: list[DatasetSource] = field(default_factory=list)
+    eval: list[DatasetSource] = field(default_factory=list)
     on_error: Literal["raise", "skip"] = "raise"
     window: str = "abdomen"
     cache_dir: str | None = None  # preprocessed volumes, so an epoch does not redo the MONAI pipeline

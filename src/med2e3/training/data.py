@@ -10,47 +10,19 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
-from med2e3.data.datasets import (
-    Example,
-    ExampleReader,
-    read_conversations,
-    read_ct_rate,
-    read_m3d_cap,
-    read_m3d_vqa,
-)
+from med2e3.data.datasets import DatasetSource, Example, OnError, read_dataset
 from med2e3.data.io import load_volume
 from med2e3.data.processor import Med2E3Processor
 from med2e3.data.transforms import augment, build_augmentation, prepare_volume
-from med2e3.errors import ConfigError, DatasetError
+from med2e3.errors import DatasetError
 from med2e3.files import atomic_path
-from med2e3.training.config import DataSource
 
 
-def open_source(source: DataSource, on_error: str) -> ExampleReader:
-    """The reader for one configured dataset file."""
-    if source.format == "conversations":
-        return read_conversations(source.path, source.data_root, on_error=on_error)
-    if source.format == "m3d_cap":
-        if not source.split:
-            raise ConfigError(f"m3d_cap source {source.path}: set split (train / validation / test)")
-        return read_m3d_cap(
-            source.path, source.split, source.data_root, orientation=source.orientation, on_error=on_error
-        )
-    if source.format == "m3d_vqa":
-        return read_m3d_vqa(
-            source.path, source.data_root, source.form, orientation=source.orientation, on_error=on_error
-        )
-    if not source.volume_dir:
-        raise ConfigError(f"ct_rate source {source.path}: set volume_dir")
-    return read_ct_rate(source.path, source.volume_dir, orientation=source.orientation, on_error=on_error)
-
-
-def load_examples(sources: Sequence[DataSource], on_error: str = "raise") -> list[Example]:
+def load_examples(sources: Sequence[DatasetSource], on_error: OnError = "raise") -> list[Example]:
     """All examples of ``sources`` (read fully, so broken datasets fail before training starts)."""
     examples: list[Example] = []
     for source in sources:
-        rows = list(open_source(source, on_error))
-        examples.extend(rows[: source.limit] if source.limit else rows)
+        examples.extend(read_dataset(source, on_error))
     missing = [ex for ex in examples if ex.answer is None]
     if missing:
         raise DatasetError(missing[0].volume, f"example {missing[0].id!r} has no answer to train on")
