@@ -227,13 +227,19 @@ def test_a_prompt_too_long_for_the_llm_is_refused(predictor, volume_path):
         predictor.ask(question)
 
 
-def test_stream_pieces_and_answer_equal_ask(predictor, volume_path):
+@pytest.mark.parametrize("bias", [False, True], ids=["model", "space-first"])
+def test_stream_pieces_and_answer_equal_ask(predictor, volume_path, monkeypatch, bias):
+    if bias:  # answers start with a space-prefixed token, as a trained model's do
+        liver = predictor.processor.tokenizer(" liver", add_special_tokens=False)["input_ids"]
+        monkeypatch.setattr(predictor.model.generation_config, "sequence_bias", {(liver[0],): 100.0})
     predictor.load(volume_path)
     for question in QUESTIONS:
         asked = predictor.ask(question, max_new_tokens=8)
-        pieces, streamed = _drain(predictor.stream_answer(question, max_new_tokens=8))
+        pieces = list(predictor.stream(question, max_new_tokens=8))
+        _, streamed = _drain(predictor.stream_answer(question, max_new_tokens=8))
         assert "".join(pieces) == streamed.answer == asked.answer
-        assert not pieces or pieces[0] == pieces[0].lstrip()
+        if bias:
+            assert asked.answer == "liver " * 7 + "liver"
         np.testing.assert_allclose(streamed.slice_scores, asked.slice_scores, atol=1e-6)
 
 

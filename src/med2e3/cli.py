@@ -46,15 +46,14 @@ def _synth(args: argparse.Namespace) -> int:
 def _predictor(args: argparse.Namespace):
     from med2e3.inference import Med2E3Predictor
 
-    limit = {} if args.max_volume_mb is None else {"max_volume_bytes": int(args.max_volume_mb * 2**20)}
     return Med2E3Predictor.from_pretrained(
         args.model,
         device=args.device,
         window=args.window,
         orientation=args.orientation,
         compile=args.compile,
+        max_volume_bytes=None if args.max_volume_mb is None else int(args.max_volume_mb * 2**20),
         bad_slices="skip" if args.skip_bad_slices else "raise",
-        **limit,
     )
 
 

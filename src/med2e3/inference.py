@@ -137,7 +137,7 @@ class Med2E3Predictor:
         window: str | None = None,
         orientation: Orientation | None = None,
         compile: bool = False,
-        max_volume_bytes: int = MAX_VOLUME_BYTES,
+        max_volume_bytes: int | None = None,
         bad_slices: BadSlices = "raise",
     ):
         """``window`` and ``orientation`` default to what the model was trained with (its processor);
@@ -148,9 +148,9 @@ class Med2E3Predictor:
         preset on an H200), then each token is about 7x faster (docs/performance.md): worth it for a
         server or a long batch job, not for one question. On CPU nothing is compiled.
 
-        ``max_volume_bytes`` and ``bad_slices`` are passed to `load_volume`. A volume whose intensities
-        plainly are not CT numbers while ``window`` is a CT window gets one `VolumeWarning` (the first
-        time only)."""
+        ``max_volume_bytes`` (default `MAX_VOLUME_BYTES`) and ``bad_slices`` are passed to
+        `load_volume`. A volume whose intensities plainly are not CT numbers while ``window`` is a CT
+        window gets one `VolumeWarning` (the first time only)."""
         self.model = model.eval()
         self.processor = processor
         self.window = _override("window", check_window(window) if window else None, processor.window)
@@ -158,7 +158,7 @@ class Med2E3Predictor:
             "orientation", check_orientation(orientation) if orientation else None, processor.orientation
         )
         self.compile = compile
-        self.max_volume_bytes = max_volume_bytes
+        self.max_volume_bytes = MAX_VOLUME_BYTES if max_volume_bytes is None else max_volume_bytes
         self.bad_slices = bad_slices
         self.current: LoadedVolume | None = None
         self._warned_window = False
