@@ -279,7 +279,11 @@ def _cut_in_pixels(file: Path) -> None:
     file.write_bytes(file.read_bytes()[:-10])
 
 
-@pytest.mark.parametrize("damage", [_empty, _cut_in_header, _cut_in_pixels])
+def _garbage(file: Path) -> None:
+    file.write_bytes(np.random.default_rng(0).bytes(file.stat().st_size))  # no DICOM marker left
+
+
+@pytest.mark.parametrize("damage", [_empty, _cut_in_header, _cut_in_pixels, _garbage])
 @pytest.mark.parametrize("k", [0, 2, 4], ids=["first", "middle", "last"])
 def test_dicom_bad_file_is_named(tmp_path: Path, damage, k: int) -> None:
     pixels = np.random.default_rng(4).integers(0, 2000, size=(5, 6, 6)).astype(np.uint16)
@@ -305,13 +309,17 @@ def test_dicom_bad_file_skipped_with_a_warning_when_asked(tmp_path: Path) -> Non
         load_volume(tmp_path / "s", bad_slices="skip")
 
 
-def test_dicom_non_image_objects_are_ignored(tmp_path: Path) -> None:
-    _write_series(tmp_path / "s", np.ones((3, 4, 4), np.uint16))
+def test_dicom_non_image_objects_and_other_files_are_ignored(tmp_path: Path) -> None:
+    """A report next to the slices, and a CD export's LOCKFILE / VERSION files beside the image folder."""
+    _write_series(tmp_path / "cd" / "DICOM" / "S1", np.ones((3, 4, 4), np.uint16))
     report = ct_slice(np.ones((4, 4), np.uint16), 9, generate_uid(), generate_uid(), (0, 0, 0))
     del report.PixelData
     report.SOPClassUID = report.file_meta.MediaStorageSOPClassUID = BasicTextSRStorage
-    report.save_as(tmp_path / "s" / "SR0001", enforce_file_format=True)
-    assert load_volume(tmp_path / "s").array.shape == (3, 4, 4)
+    report.save_as(tmp_path / "cd" / "DICOM" / "S1" / "SR0001", enforce_file_format=True)
+    (tmp_path / "cd" / "LOCKFILE").write_bytes(b"")
+    (tmp_path / "cd" / "VERSION").write_text("1.0")
+    (tmp_path / "cd" / "DICOM" / "S1" / "notes.txt").write_text("not dicom")
+    assert load_volume(tmp_path / "cd").array.shape == (3, 4, 4)
 
 
 # --- .npy and in-memory arrays -----------------------------------------------------------------------

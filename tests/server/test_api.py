@@ -69,7 +69,7 @@ def test_health_and_info(client) -> None:
         (npy_bytes(), [24, 40, 48], [1.0, 1.0, 1.0], "volume.npy"),
         (nifti_bytes(compress=True), [40, 96, 96], None, "volume.nii.gz"),
         (nifti_bytes(compress=False), [40, 96, 96], None, "volume.nii"),
-        (dicom_zip_bytes(), [12, 32, 40], [2.5, 0.8, 0.8], "dicom/00011.dcm"),
+        (dicom_zip_bytes(), [12, 32, 40], [2.5, 0.8, 0.8], "dicom/00011-IM0011.dcm"),
     ],
     ids=["npy", "nii.gz", "nii", "dicom-zip"],
 )
@@ -285,6 +285,13 @@ def _huge_nifti_header() -> bytes:
         (_huge_npy_header(), 413, "more than the"),
         (_huge_nifti_header(), 413, "more than the"),
         (dicom_zip_bytes(n_slices=1), 400, "single DICOM image"),
+        (dicom_zip_bytes(damaged={11: b""}), 400, "DICOM file 00011-IM0011.dcm is empty"),
+        (dicom_zip_bytes(damaged={5: b"\0" * 200}), 400, "DICOM file 00005-IM0005.dcm is not a DICOM file"),
+        (
+            dicom_zip_bytes(damaged={0: dicom_file_bytes(np.ones((32, 40)), 0, "1.2", "1.3")[:300]}),
+            400,
+            "IM0000.dcm has no pixel data",
+        ),
     ],
     ids=[
         "2d",
@@ -294,6 +301,9 @@ def _huge_nifti_header() -> bytes:
         "npy-too-many-voxels",
         "nifti-too-many-voxels",
         "one-slice-series",
+        "empty-last-slice",
+        "garbage-middle-slice",
+        "truncated-first-slice",
     ],
 )
 def test_upload_not_a_volume(client, data: bytes, status: int, message: str) -> None:

@@ -23,7 +23,7 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, Literal
 
 import nibabel as nib
@@ -121,10 +121,11 @@ def load_volume(
 
     ``max_bytes`` bounds the memory the voxels need (as stored or as float32, whichever is larger);
     a NIfTI or ``.npy`` is checked from its header, before any voxel is read or decompressed.
-    In a DICOM folder, a file that is empty or carries the DICOM marker but is not a readable image
-    slice is an error naming it; ``bad_slices="skip"`` skips such files instead, with a
-    `VolumeWarning` naming them and the number of slices kept. Files without the DICOM marker
-    (notes, thumbnails) and DICOM objects that are not images (DICOMDIR, reports) are ignored.
+    In a DICOM folder, a DICOM file that is not a readable image slice is an error naming it, and so
+    is a file that is empty or has no DICOM marker but sits next to the slices with their extension
+    (a damaged slice); ``bad_slices="skip"`` skips such files instead, with a `VolumeWarning` naming
+    them and the number of slices kept. Other files (notes, a LOCKFILE) and DICOM objects that are
+    not images (DICOMDIR, reports) are ignored.
 
     Raises:
         VolumeError: the path is missing, unreadable, not a 3D image, or holds NaN / inf voxels.
@@ -347,23 +348,44 @@ def _read_dicom_series(folder: Path, bad_slices: BadSlices) -> tuple[np.ndarray,
 
 
 def _dicom_slices(folder: Path, bad_slices: BadSlices) -> tuple[list[_Slice], list[tuple[str, str]]]:
-    """Every DICOM image slice under ``folder``, and the (file, reason) of each bad file skipped."""
+    """Every DICOM image slice under ``folder``, and the (file, reason) of each bad file skipped.
+
+    A file without the DICOM marker (or empty) is ignored, unless it sits next to image slices with
+    their extension: then it is taken for a damaged slice, and is bad like an unreadable DICOM file.
+    """
     slices: list[_Slice] = []
     skipped: list[tuple[str, str]] = []
+    unknown: list[tuple[str, str]] = []
+
+    def bad(name: str, reason: str) -> None:
+        if bad_slices == "raise":
+            raise VolumeError(folder, f"DICOM file {name} {reason}")
+        skipped.append((name, reason))
+
     for file in sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith(".")):
         name = file.relative_to(folder).as_posix()
         try:
             image = _dicom_slice(file, name)
-        except _BadFile as bad:
-            if bad_slices == "raise":
-                raise VolumeError(folder, f"DICOM file {name} {bad.reason}") from None
-            skipped.append((name, bad.reason))
-            continue
-        if image is not None:
-            slices.append(image)
+        except _NotDicom as err:
+            unknown.append((name, err.reason))
+        except _BadFile as err:
+            bad(name, err.reason)
+        else:
+            if image is not None:
+                slices.append(image)
+    like_slices = {_place(s.name) for s in slices}
+    for name, reason in unknown:
+        if _place(name) in like_slices:
+            bad(name, reason)
     if not slices:
         raise VolumeError(folder, "folder holds no DICOM images")
     return slices, skipped
+
+
+def _place(name: str) -> tuple[str, str]:
+    """A file's folder and extension: files with the same place as image slices should be slices."""
+    path = PurePosixPath(name)
+    return str(path.parent), path.suffix.lower()
 
 
 class _BadFile(Exception):
@@ -374,18 +396,23 @@ class _BadFile(Exception):
         self.reason = reason
 
 
+class _NotDicom(_BadFile):
+    """A file that is empty or has no DICOM marker: bad only if it is named like the slices."""
+
+
 def _dicom_slice(file: Path, name: str) -> _Slice | None:
-    """One image slice; None for a file that is not DICOM (no marker) or a DICOM object that is no image.
+    """One image slice; None for a DICOM object that is no image (DICOMDIR, a report, ...).
 
     Raises:
-        _BadFile: the file is empty, or is DICOM but not a readable image slice.
+        _NotDicom: the file is empty or has no DICOM marker.
+        _BadFile: the file is DICOM but not a readable image slice.
     """
     if file.stat().st_size == 0:
-        raise _BadFile("is empty")
+        raise _NotDicom("is empty")
     try:
         ds = pydicom.dcmread(file)
     except InvalidDicomError:
-        return None
+        raise _NotDicom("is not a DICOM file (no DICM marker)") from None
     except Exception as exc:
         raise _BadFile(f"cannot be read ({_short(exc)})") from exc
     if "PixelData" not in ds:
