@@ -352,18 +352,20 @@ class Med2E3Predictor:
 
         thread = Thread(target=run, daemon=True)
         thread.start()
-        text = ""
+        text = held = ""  # `decode` strips the answer: no leading space, trailing ones held back
         for piece in streamer:
-            piece = piece if text else piece.lstrip()  # `decode` strips the answer's leading space
-            if piece:
-                text += piece
-                yield piece
+            piece = held + (piece if text else piece.lstrip())
+            core = piece.rstrip()
+            held = piece[len(core) :]
+            if core:
+                text += core
+                yield core
         thread.join()
         if failure:
             raise failure[0]
         scores = outputs[0].slice_scores
         scores = None if scores is None else scores[0].float().cpu().tolist()
-        return Answer(question, text.rstrip(), scores, loaded.slice_ranges, self._notes(question))
+        return Answer(question, text, scores, loaded.slice_ranges, self._notes(question))
 
     @torch.no_grad()
     def answer_loss(
