@@ -470,7 +470,7 @@ def _check_declared(shape: tuple[int, ...], dtype: np.dtype, max_bytes: int, pat
         raise VolumeSizeError(
             path,
             f"{'x'.join(map(str, shape))} voxels of {dtype} need {_bytes(needed)} to read, more than "
-            f"the {_bytes(max_bytes)} limit (max_bytes)",
+            f"the {_bytes(max_bytes)} limit (--max-volume-mb)",
         )
 
 
