@@ -285,6 +285,7 @@ def _huge_nifti_header() -> bytes:
         (_huge_npy_header(), 413, "more than the"),
         (_huge_nifti_header(), 413, "more than the"),
         (dicom_zip_bytes(n_slices=1), 400, "single DICOM image"),
+        (_npy(np.full((2, 2, 2), 0.5, np.float32)), 400, "2x2x2 voxels is too small to be a scan"),
         (dicom_zip_bytes(damaged={11: b""}), 400, "DICOM file 00011-IM0011.dcm is empty"),
         (dicom_zip_bytes(damaged={5: b"\0" * 200}), 400, "DICOM file 00005-IM0005.dcm is not a DICOM file"),
         (
@@ -301,6 +302,7 @@ def _huge_nifti_header() -> bytes:
         "npy-too-many-voxels",
         "nifti-too-many-voxels",
         "one-slice-series",
+        "too-small",
         "empty-last-slice",
         "garbage-middle-slice",
         "truncated-first-slice",
