@@ -3,19 +3,23 @@
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
 from med2e3 import Med2E3Config, Med2E3ForConditionalGeneration, Med2E3Processor
+from med2e3.data.io import VolumeWarning
 from med2e3.errors import ConfigError, DatasetError, InputError, VolumeError
 from med2e3.inference import Med2E3Predictor, completed_ids, read_batch_input
 from med2e3.viz import plot_slice_scores
 
 QUESTIONS = ["Which organ has a lesion?", "In which plane is this image?", "What is in the left kidney?"]
+LONG_QUESTION = "Is there a lesion in the liver near the portal vein, and how large is it? " * 10
 
 
 @pytest.fixture(scope="module")
@@ -185,3 +189,91 @@ def test_completed_ids_never_drops_a_users_line(tmp_path):
     out.write_text(f"{good[0]}\n{good[1]}")  # a complete last line without its newline: appends go after it
     assert completed_ids(out) == {"q0", "q1"}
     assert out.read_text() == f"{good[0]}\n{good[1]}\n"
+
+
+def _drain(stream):
+    """The pieces a `stream_answer` generator yields, and the `Answer` it returns."""
+    pieces = []
+    while True:
+        try:
+            pieces.append(next(stream))
+        except StopIteration as stop:
+            return pieces, stop.value
+
+
+def test_long_question_is_truncated_for_tgis_and_says_so(predictor, volume_path):
+    predictor.load(volume_path)
+    positions = predictor.model.config.question_encoder_config.max_position_embeddings
+    length = predictor.processor.question_length(LONG_QUESTION)
+    assert length > positions == 128
+    answer = predictor.ask(LONG_QUESTION, max_new_tokens=4)
+    assert len(answer.slice_scores) == 32
+    assert answer.notes == [
+        f"TG-IS read only the first 128 of the question's {length} tokens (its question encoder's limit); "
+        "the language model read the whole question"
+    ]
+    assert answer.to_dict()["notes"] == answer.notes
+    assert predictor.ask(QUESTIONS[0], max_new_tokens=2).notes == []
+    _, streamed = _drain(predictor.stream_answer(LONG_QUESTION, max_new_tokens=4))
+    assert streamed.notes == answer.notes and streamed.answer == answer.answer
+
+
+def test_a_prompt_too_long_for_the_llm_is_refused(predictor, volume_path):
+    predictor.load(volume_path)
+    question = "".join(chr(0x4E00 + (i * 37) % 2000) for i in range(1500))  # rare characters: many tokens
+    with pytest.raises(
+        InputError, match=r"too long for the language model: its prompt is \d+ tokens, the limit is 768"
+    ):
+        predictor.ask(question)
+
+
+@pytest.mark.parametrize("bias", [False, True], ids=["model", "space-first"])
+def test_stream_pieces_and_answer_equal_ask(predictor, volume_path, monkeypatch, bias):
+    if bias:  # answers start with a space-prefixed token, as a trained model's do
+        liver = predictor.processor.tokenizer(" liver", add_special_tokens=False)["input_ids"]
+        monkeypatch.setattr(predictor.model.generation_config, "sequence_bias", {(liver[0],): 100.0})
+    predictor.load(volume_path)
+    for question in QUESTIONS:
+        asked = predictor.ask(question, max_new_tokens=8)
+        pieces = list(predictor.stream(question, max_new_tokens=8))
+        _, streamed = _drain(predictor.stream_answer(question, max_new_tokens=8))
+        assert "".join(pieces) == streamed.answer == asked.answer
+        if bias:
+            assert asked.answer == "liver " * 7 + "liver"
+        np.testing.assert_allclose(streamed.slice_scores, asked.slice_scores, atol=1e-6)
+
+
+def test_a_volume_too_small_to_be_a_scan_is_refused(predictor, tmp_path):
+    np.save(
+        path := tmp_path / "tiny.npy", np.random.default_rng(0).uniform(0, 1, (2, 2, 2)).astype(np.float32)
+    )
+    with pytest.raises(VolumeError, match=r"tiny.npy: 2x2x2 voxels is too small to be a scan"):
+        predictor.load(path)
+    with pytest.raises(VolumeError, match="too small"):
+        predictor.load(np.zeros((40, 3, 3), np.float32))  # a line of voxels
+    assert predictor.load(np.zeros((3, 40, 40), np.float32)).volume.shape == (3, 40, 40)  # a slab is fine
+
+
+def _mri(tmp_path: Path) -> Path:
+    """An MRI-like NIfTI: background 0, tissue up to ~8000 (the MNI152 template's range)."""
+    data = np.zeros((48, 48, 40), np.float32)
+    data[8:40, 8:40, 5:35] = np.random.default_rng(0).uniform(2000, 8000, (32, 32, 30))
+    nib.save(nib.Nifti1Image(data, np.eye(4)), path := tmp_path / "t1.nii.gz")
+    return path
+
+
+def test_mri_with_a_ct_window_warns_once(model_dir, tmp_path):
+    mri = _mri(tmp_path)
+    predictor = Med2E3Predictor.from_pretrained(model_dir, device="cpu")
+    with pytest.warns(
+        VolumeWarning, match=r"t1.nii.gz: intensities in \[0, 8\d+\] do not look like CT.*--window minmax"
+    ):
+        predictor.load(mri)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        predictor.load(mri)  # once is enough
+        Med2E3Predictor.from_pretrained(model_dir, device="cpu", window="minmax").load(mri)
+        ct = np.full((40, 48, 48), -1000.0, np.float32)
+        ct[5:35, 8:40, 8:40] = 40.0
+        nib.save(nib.Nifti1Image(ct, np.eye(4)), tmp_path / "ct.nii.gz")
+        Med2E3Predictor.from_pretrained(model_dir, device="cpu").load(tmp_path / "ct.nii.gz")

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Callable, Sequence
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 
 from med2e3.errors import Med2E3Error
 from med2e3.evaluation.ablation import register as register_ablation
@@ -45,7 +47,13 @@ def _predictor(args: argparse.Namespace):
     from med2e3.inference import Med2E3Predictor
 
     return Med2E3Predictor.from_pretrained(
-        args.model, device=args.device, window=args.window, orientation=args.orientation, compile=args.compile
+        args.model,
+        device=args.device,
+        window=args.window,
+        orientation=args.orientation,
+        compile=args.compile,
+        max_volume_bytes=None if args.max_volume_mb is None else int(args.max_volume_mb * 2**20),
+        bad_slices="skip" if args.skip_bad_slices else "raise",
     )
 
 
@@ -56,6 +64,8 @@ def _print_answer(answer, args: argparse.Namespace) -> None:
         print(json.dumps({"volume": args.volume, **answer.to_dict()}, indent=2))
         return
     print(answer.answer)
+    for note in answer.notes:
+        print(f"med2e3: note: {note}", file=sys.stderr)
     if answer.slice_scores is not None:
         top = ", ".join(f"{j} ({answer.slice_scores[j]:.3f})" for j in answer.top_slices(4))
         print(f"[TG-IS top slices: {top}]", file=sys.stderr)
@@ -118,6 +128,17 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
         help="CT window: abdomen, lung, bone, brain, minmax (default: the one the model was trained with)",
     )
     p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument(
+        "--max-volume-mb",
+        type=float,
+        help="refuse a volume whose voxels need more memory than this, checked from a NIfTI or .npy "
+        "header before reading (default 1024)",
+    )
+    p.add_argument(
+        "--skip-bad-slices",
+        action="store_true",
+        help="skip unreadable files of a DICOM series with a warning naming them (default: an error)",
+    )
     p.add_argument(
         "--compile",
         action="store_true",
@@ -249,11 +270,28 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@contextmanager
+def _one_line_warnings() -> Iterator[None]:
+    """Show med2e3's own warnings as ``med2e3: warning: MESSAGE`` lines on stderr (no source line)."""
+    default = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None) -> None:
+        if category.__module__.startswith("med2e3."):
+            print(f"med2e3: warning: {message}", file=sys.stderr)
+        else:
+            default(message, category, filename, lineno, file, line)
+
+    with warnings.catch_warnings():
+        warnings.showwarning = show
+        yield
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     handler: Handler = args.handler
     try:
-        return handler(args)
+        with _one_line_warnings():
+            return handler(args)
     except Med2E3Error as err:
         print(f"med2e3: error: {err}", file=sys.stderr)
         return EXIT_USAGE

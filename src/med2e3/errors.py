@@ -22,6 +22,10 @@ class VolumeError(Med2E3Error, ValueError):
         super().__init__(f"{path}: {reason}" if path is not None else reason)
 
 
+class VolumeSizeError(VolumeError):
+    """A volume is larger than the configured limit (its header says so before anything is read)."""
+
+
 class DatasetError(Med2E3Error, ValueError):
     """A dataset file or one of its rows is malformed."""
 

@@ -10,10 +10,11 @@ import csv
 import json
 import logging
 import os
-from collections.abc import Iterator, Sequence
+import warnings
+from collections.abc import Generator, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from threading import Thread
 from typing import Any
@@ -25,7 +26,17 @@ from transformers import TextIteratorStreamer
 from transformers.utils import logging as hf_logging
 
 from med2e3.data.datasets import REPORT_INSTRUCTIONS
-from med2e3.data.io import Orientation, Volume, from_array, load_volume
+from med2e3.data.io import (
+    MAX_VOLUME_BYTES,
+    BadSlices,
+    Orientation,
+    Volume,
+    VolumeWarning,
+    check_scan_size,
+    ct_window_problem,
+    from_array,
+    load_volume,
+)
 from med2e3.data.processor import Med2E3Processor, check_orientation, check_window
 from med2e3.data.transforms import prepare_volume, source_slice_ranges
 from med2e3.errors import ConfigError, DatasetError, InputError
@@ -45,6 +56,7 @@ class Answer:
     answer: str
     slice_scores: list[float] | None  # one weight per model slice (sum 1); None for slice_aggregation="none"
     slice_ranges: list[tuple[int, int]]  # [start, stop) slices of the original volume behind each model slice
+    notes: list[str] = field(default_factory=list)  # how the question was read, e.g. truncated for TG-IS
 
     def top_slices(self, k: int = 4) -> list[int]:
         """Model-slice indices with the highest scores, best first."""
@@ -125,6 +137,8 @@ class Med2E3Predictor:
         window: str | None = None,
         orientation: Orientation | None = None,
         compile: bool = False,
+        max_volume_bytes: int | None = None,
+        bad_slices: BadSlices = "raise",
     ):
         """``window`` and ``orientation`` default to what the model was trained with (its processor);
         a different value given here is used, with a one-line notice.
@@ -132,7 +146,11 @@ class Med2E3Predictor:
         ``compile``: decode with a static KV cache, which transformers compiles (`torch.compile`, CUDA
         graphs) on CUDA. Each new number of questions per call compiles once (25-70 s for the paper
         preset on an H200), then each token is about 7x faster (docs/performance.md): worth it for a
-        server or a long batch job, not for one question. On CPU nothing is compiled."""
+        server or a long batch job, not for one question. On CPU nothing is compiled.
+
+        ``max_volume_bytes`` (default `MAX_VOLUME_BYTES`) and ``bad_slices`` are passed to
+        `load_volume`. A volume whose intensities plainly are not CT numbers while ``window`` is a CT
+        window gets one `VolumeWarning` (the first time only)."""
         self.model = model.eval()
         self.processor = processor
         self.window = _override("window", check_window(window) if window else None, processor.window)
@@ -140,7 +158,10 @@ class Med2E3Predictor:
             "orientation", check_orientation(orientation) if orientation else None, processor.orientation
         )
         self.compile = compile
+        self.max_volume_bytes = MAX_VOLUME_BYTES if max_volume_bytes is None else max_volume_bytes
+        self.bad_slices = bad_slices
         self.current: LoadedVolume | None = None
+        self._warned_window = False
 
     @classmethod
     def from_pretrained(
@@ -166,11 +187,12 @@ class Med2E3Predictor:
 
     # ---- volumes ----------------------------------------------------------------------------------
     def read(self, volume: str | Path | np.ndarray | torch.Tensor | Volume) -> Volume:
-        if isinstance(volume, Volume):
-            return volume
+        """A path (read with `load_volume`), an array or a `Volume`, checked to be big enough to be a scan."""
         if isinstance(volume, (str, Path)):
-            return load_volume(volume, orientation=self.orientation)
-        return from_array(volume)
+            volume = load_volume(volume, self.orientation, self.max_volume_bytes, self.bad_slices)
+        elif not isinstance(volume, Volume):
+            volume = from_array(volume)
+        return check_scan_size(volume)
 
     @torch.no_grad()
     def load(self, volume: str | Path | np.ndarray | torch.Tensor | Volume) -> LoadedVolume:
@@ -180,9 +202,17 @@ class Med2E3Predictor:
     def _prepare(self, volume: Any) -> tuple[Volume, torch.Tensor, list[tuple[int, int]]]:
         """The CPU part of `load`: read and preprocess (batch mode runs it ahead, in a worker thread)."""
         vol = self.read(volume)
+        self._warn_window(vol)
         size = tuple(self.model.config.vision3d_config.image_size)
         pixel_values = prepare_volume(vol, size, window=self.window)[None]
         return vol, pixel_values, source_slice_ranges(vol, self.model.config.num_slices, window=self.window)
+
+    def _warn_window(self, volume: Volume) -> None:
+        """Warn (once) when the CT window does not suit the volume's intensities (e.g. an MRI)."""
+        problem = None if self._warned_window else ct_window_problem(volume, self.window)
+        if problem is not None:
+            self._warned_window = True
+            warnings.warn(problem, VolumeWarning, stacklevel=3)
 
     @torch.no_grad()
     def _encode(self, vol: Volume, pixel_values: torch.Tensor, ranges: list[tuple[int, int]]) -> LoadedVolume:
@@ -200,15 +230,40 @@ class Med2E3Predictor:
     def _inputs(
         self, questions: Sequence[str], prompts: Sequence[str] | None = None
     ) -> dict[str, torch.Tensor]:
-        for q in questions:
-            if not isinstance(q, str) or not q.strip():
-                raise InputError("the question is empty")
-            if len(q) > MAX_QUESTION_CHARS:
-                raise InputError(
-                    f"the question is {len(q)} characters long; the limit is {MAX_QUESTION_CHARS}"
-                )
+        for i, q in enumerate(questions):
+            self.check_question(q, None if prompts is None else prompts[i])
         batch = self.processor(list(prompts or questions), questions=list(questions), padding_side="left")
         return {k: v.to(self.device) for k, v in batch.items()}
+
+    def check_question(self, question: str, prompt: str | None = None) -> None:
+        """Raise InputError unless ``question`` (shown to the LLM as ``prompt``, if given) can be asked.
+
+        It must not be empty, be at most `MAX_QUESTION_CHARS` long, and its prompt must fit the LLM's
+        ``max_length``. A question longer than the TG-IS encoder reads is fine: it is truncated there,
+        and the answer's ``notes`` say so.
+        """
+        if not isinstance(question, str) or not question.strip():
+            raise InputError("the question is empty")
+        if len(question) > MAX_QUESTION_CHARS:
+            raise InputError(
+                f"the question is {len(question)} characters long; the limit is {MAX_QUESTION_CHARS}"
+            )
+        length, limit = self.processor.prompt_length(prompt or question), self.processor.max_length
+        if length > limit:
+            raise InputError(
+                f"the question is too long for the language model: its prompt is {length} tokens, the limit "
+                f"is {limit}"
+            )
+
+    def _notes(self, question: str) -> list[str]:
+        """What an answer's reader should know about how ``question`` was read."""
+        length, limit = self.processor.question_length(question), self.processor.question_max_length
+        if length is None or length <= limit:
+            return []
+        return [
+            f"TG-IS read only the first {limit} of the question's {length} tokens (its question encoder's "
+            "limit); the language model read the whole question"
+        ]
 
     def _generation_kwargs(
         self, prompt_tokens: int, max_new_tokens: int, do_sample: bool, **sampling: Any
@@ -253,7 +308,7 @@ class Med2E3Predictor:
         texts = self.processor.batch_decode(out.sequences[:, inputs["input_ids"].shape[1] :])
         scores = None if out.slice_scores is None else out.slice_scores.float().cpu().tolist()
         return [
-            Answer(q, text, None if scores is None else scores[i], loaded.slice_ranges)
+            Answer(q, text, None if scores is None else scores[i], loaded.slice_ranges, self._notes(q))
             for i, (q, text) in enumerate(zip(questions, texts, strict=True))
         ]
 
@@ -267,11 +322,17 @@ class Med2E3Predictor:
         return self.ask(REPORT_INSTRUCTIONS[0], **generation)
 
     def stream(self, question: str, max_new_tokens: int = 64, timeout: float = 120.0) -> Iterator[str]:
-        """Yield the answer's text piece by piece as it is generated (greedy).
+        """Yield the answer's text piece by piece as it is generated (greedy); the pieces add up to `ask`'s text.
 
         An error inside generation is raised here, not left hanging; ``timeout`` bounds the wait for
         each piece.
         """
+        yield from self.stream_answer(question, max_new_tokens, timeout)
+
+    def stream_answer(
+        self, question: str, max_new_tokens: int = 64, timeout: float = 120.0
+    ) -> Generator[str, None, Answer]:
+        """`stream`, whose generator then returns the whole `Answer` (as `ask` gives it) when exhausted."""
         loaded = self._loaded()
         inputs = self._inputs([question])
         streamer = TextIteratorStreamer(
@@ -279,21 +340,32 @@ class Med2E3Predictor:
         )
         kwargs = {**inputs, "volume_encoding": loaded.encoding, "streamer": streamer}
         kwargs.update(self._generation_kwargs(inputs["input_ids"].shape[1], max_new_tokens, False))
+        outputs: list[Any] = []
         failure: list[BaseException] = []
 
         def run() -> None:
             try:
-                self.model.generate(**kwargs)
+                outputs.append(self.model.generate(**kwargs))
             except BaseException as err:  # handed to the consumer below
                 failure.append(err)
                 streamer.end()
 
         thread = Thread(target=run, daemon=True)
         thread.start()
-        yield from streamer
+        text = held = ""  # `decode` strips the answer: no leading space, trailing ones held back
+        for piece in streamer:
+            piece = held + (piece if text else piece.lstrip())
+            core = piece.rstrip()
+            held = piece[len(core) :]
+            if core:
+                text += core
+                yield core
         thread.join()
         if failure:
             raise failure[0]
+        scores = outputs[0].slice_scores
+        scores = None if scores is None else scores[0].float().cpu().tolist()
+        return Answer(question, text, scores, loaded.slice_ranges, self._notes(question))
 
     @torch.no_grad()
     def answer_loss(

@@ -7,13 +7,14 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+import pydicom
 import pytest
 import torch
-from pydicom.uid import generate_uid
+from pydicom.uid import BasicTextSRStorage, generate_uid
 
 from dicom_helpers import ct_slice
-from med2e3.data.io import WINDOWS, Volume, apply_window, from_array, load_volume
-from med2e3.errors import VolumeError
+from med2e3.data.io import WINDOWS, Volume, VolumeWarning, apply_window, from_array, load_volume
+from med2e3.errors import VolumeError, VolumeSizeError
 
 # --- helpers ------------------------------------------------------------------------------------------
 
@@ -130,6 +131,31 @@ def test_nifti_scaling_applied(tmp_path: Path) -> None:
     np.testing.assert_allclose(load_volume(tmp_path / "s.nii.gz").array, -1004.0)
 
 
+def test_nifti_over_the_size_limit_is_refused(tmp_path: Path) -> None:
+    path = _save_nifti(tmp_path / "zeros.nii.gz", np.zeros((64, 64, 64)), np.eye(4))  # 2 MiB of float64
+    with pytest.raises(VolumeSizeError, match=r"float64.*2\.0 MiB.*more than the 1\.0 MiB limit") as info:
+        load_volume(path, max_bytes=2**20)
+    assert info.value.path == path
+    assert load_volume(path, max_bytes=2**21).shape == (64, 64, 64)
+
+
+def test_nifti_bomb_is_refused_from_its_header(tmp_path: Path) -> None:
+    """A header declaring 2 GiB of float64 voxels: refused for its size before any voxel is read."""
+    header = nib.Nifti1Header()
+    header.set_data_shape((512, 512, 1024))
+    header.set_data_dtype(np.float64)
+    (path := tmp_path / "bomb.nii.gz").write_bytes(gzip.compress(header.binaryblock + b"\0" * 4))
+    with pytest.raises(VolumeSizeError, match=r"2\.0 GiB.*more than the 1\.0 GiB limit"):
+        load_volume(path)
+
+
+@pytest.mark.parametrize("dtype", [np.complex64, np.complex128])
+def test_nifti_complex_voxels_are_refused(tmp_path: Path, dtype: type) -> None:
+    path = _save_nifti(tmp_path / "c.nii.gz", np.full((4, 4, 4), 1 + 2j, dtype), np.eye(4))
+    with pytest.raises(VolumeError, match=f"real numbers, got dtype {np.dtype(dtype)}"):
+        load_volume(path)
+
+
 @pytest.mark.parametrize(
     ("columns", "acquisition_flips"),
     [
@@ -234,6 +260,66 @@ def test_dicom_single_slice_rejected(tmp_path: Path) -> None:
     _write_series(tmp_path / "s", np.ones((1, 4, 4), np.uint16))
     with pytest.raises(VolumeError, match="2D"):
         load_volume(tmp_path / "s")
+
+
+def _file_of_slice(folder: Path, k: int) -> Path:
+    """The file holding slice ``k`` (0-based position order) of a series written by `_write_series`."""
+    return next(f for f in folder.iterdir() if pydicom.dcmread(f).InstanceNumber == k + 1)
+
+
+def _empty(file: Path) -> None:
+    file.write_bytes(b"")
+
+
+def _cut_in_header(file: Path) -> None:
+    file.write_bytes(file.read_bytes()[:300])  # meta header kept, dataset cut before the pixel data
+
+
+def _cut_in_pixels(file: Path) -> None:
+    file.write_bytes(file.read_bytes()[:-10])
+
+
+def _garbage(file: Path) -> None:
+    file.write_bytes(np.random.default_rng(0).bytes(file.stat().st_size))  # no DICOM marker left
+
+
+@pytest.mark.parametrize("damage", [_empty, _cut_in_header, _cut_in_pixels, _garbage])
+@pytest.mark.parametrize("k", [0, 2, 4], ids=["first", "middle", "last"])
+def test_dicom_bad_file_is_named(tmp_path: Path, damage, k: int) -> None:
+    pixels = np.random.default_rng(4).integers(0, 2000, size=(5, 6, 6)).astype(np.uint16)
+    _write_series(tmp_path / "s", pixels)
+    bad = _file_of_slice(tmp_path / "s", k)
+    damage(bad)
+    with pytest.raises(VolumeError, match=f"DICOM file {bad.name}") as info:
+        load_volume(tmp_path / "s")
+    assert "uneven" not in str(info.value) and info.value.path == tmp_path / "s"
+
+
+def test_dicom_bad_file_skipped_with_a_warning_when_asked(tmp_path: Path) -> None:
+    pixels = np.random.default_rng(4).integers(0, 2000, size=(5, 6, 6)).astype(np.uint16)
+    _write_series(tmp_path / "s", pixels)
+    bad = _file_of_slice(tmp_path / "s", 4)
+    _cut_in_header(bad)
+    with pytest.warns(VolumeWarning, match=rf"skipped 1 unreadable DICOM file \({bad.name}: .*kept 4 of 5"):
+        volume = load_volume(tmp_path / "s", bad_slices="skip")
+    np.testing.assert_array_equal(volume.array, pixels[:4].astype(np.float32) - 1024)
+    middle = _file_of_slice(tmp_path / "s", 2)
+    _empty(middle)
+    with pytest.raises(VolumeError, match=f"uneven slice spacing.*skipping .*{middle.name}"):
+        load_volume(tmp_path / "s", bad_slices="skip")
+
+
+def test_dicom_non_image_objects_and_other_files_are_ignored(tmp_path: Path) -> None:
+    """A report next to the slices, and a CD export's LOCKFILE / VERSION files beside the image folder."""
+    _write_series(tmp_path / "cd" / "DICOM" / "S1", np.ones((3, 4, 4), np.uint16))
+    report = ct_slice(np.ones((4, 4), np.uint16), 9, generate_uid(), generate_uid(), (0, 0, 0))
+    del report.PixelData
+    report.SOPClassUID = report.file_meta.MediaStorageSOPClassUID = BasicTextSRStorage
+    report.save_as(tmp_path / "cd" / "DICOM" / "S1" / "SR0001", enforce_file_format=True)
+    (tmp_path / "cd" / "LOCKFILE").write_bytes(b"")
+    (tmp_path / "cd" / "VERSION").write_text("1.0")
+    (tmp_path / "cd" / "DICOM" / "S1" / "notes.txt").write_text("not dicom")
+    assert load_volume(tmp_path / "cd").array.shape == (3, 4, 4)
 
 
 # --- .npy and in-memory arrays -----------------------------------------------------------------------

@@ -77,3 +77,17 @@ def test_processor_must_fit_the_config(processor):
     other = Med2E3Config.from_preset("tiny", slice_aggregation="none")
     with pytest.raises(ConfigError, match="expands the placeholder to 32 tokens"):
         processor.check_config(other)
+
+
+def test_question_length_is_bounded_by_the_question_encoder(tmp_path):
+    config = Med2E3Config.from_preset("tiny")
+    saved = Med2E3Processor.for_config(config)
+    assert saved.question_max_length == config.question_encoder_config.max_position_embeddings == 128
+    saved.question_max_length = 512  # what folders saved before the bound say
+    saved.save_pretrained(tmp_path)
+    loaded = Med2E3Processor.from_pretrained(tmp_path)
+    loaded.check_config(config)
+    assert loaded.question_max_length == 128
+    long = "where is the lesion " * 60
+    assert loaded.question_length(long) > 128
+    assert loaded([long])["question_input_ids"].shape[1] == 128

@@ -50,15 +50,19 @@ def dicom_file_bytes(image: np.ndarray, k: int, series: str, study: str, step: f
     return buffer.getvalue()
 
 
-def dicom_zip_bytes(n_slices: int = 12, extra: dict[str, bytes] | None = None) -> bytes:
-    """A zipped axial DICOM series (in a subfolder, plus a non-DICOM readme that must be skipped)."""
+def dicom_zip_bytes(
+    n_slices: int = 12, extra: dict[str, bytes] | None = None, damaged: dict[int, bytes] | None = None
+) -> bytes:
+    """A zipped axial DICOM series (in a subfolder, plus a non-DICOM readme that must be skipped);
+    ``damaged`` replaces the file of slice k with other bytes."""
     rng = np.random.default_rng(0)
     series, study = generate_uid(), generate_uid()
     buffer = io.BytesIO()
     with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
         for k in range(n_slices):
             image = rng.integers(900, 1300, size=(32, 40))
-            archive.writestr(f"series/IM{k:04d}", dicom_file_bytes(image, k, series, study))
+            data = dicom_file_bytes(image, k, series, study)
+            archive.writestr(f"series/IM{k:04d}", (damaged or {}).get(k, data))
         archive.writestr("README.txt", "not DICOM")
         for name, data in (extra or {}).items():
             archive.writestr(name, data)

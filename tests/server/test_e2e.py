@@ -14,7 +14,7 @@ from pathlib import Path
 
 import nibabel as nib
 import pytest
-from server_helpers import synthetic_ct
+from server_helpers import running_server, synthetic_ct
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMEDRIVER = "/usr/bin/chromedriver"
@@ -146,3 +146,40 @@ def test_upload_ask_and_click_a_bar(browser, live_server: str, tmp_path: Path) -
 
     errors = [entry for entry in browser.get_log("browser") if entry["level"] == "SEVERE"]
     assert errors == [], errors  # no script errors, no CSP violations, no failed requests
+
+
+TOKEN = "0123456789abcdef-e2e-token"
+
+
+def test_token_mode_page_survives_a_reload_and_asks_for_a_missing_token(browser, predictor) -> None:
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    wait = WebDriverWait(browser, WAIT_S)
+
+    def status(text: str):
+        return lambda d: d.find_element(By.ID, "server-status").text == text
+
+    with running_server(predictor, token=TOKEN) as url:
+        browser.get(f"{url}/?token={TOKEN}")
+        wait.until(status("connected"))
+        assert browser.current_url == url + "/"  # the token left the address bar
+        browser.refresh()
+        wait.until(status("connected"))
+        assert browser.find_element(By.ID, "error").get_attribute("hidden") is not None
+
+        browser.execute_script("sessionStorage.clear()")  # as a new tab opened without the token
+        browser.get(url + "/")
+        wait.until(status("token needed"))
+        form = browser.find_element(By.ID, "token-form")
+        assert form.is_displayed() and "needs a token" in browser.find_element(By.ID, "error").text
+        browser.find_element(By.ID, "token").send_keys("wrong-token-wrong-token")
+        browser.find_element(By.CSS_SELECTOR, "#token-form button").click()
+        wait.until(lambda d: d.find_element(By.ID, "error").text == "wrong token")
+        browser.find_element(By.ID, "token").clear()
+        browser.find_element(By.ID, "token").send_keys(TOKEN)
+        browser.find_element(By.CSS_SELECTOR, "#token-form button").click()
+        wait.until(status("connected"))
+        assert not form.is_displayed()
+        assert browser.find_element(By.ID, "error").get_attribute("hidden") is not None
+        assert len(browser.find_elements(By.CSS_SELECTOR, "#examples button")) == 5

@@ -20,8 +20,10 @@ numbers (``"hu"``) for NIfTI and DICOM, [0, 1] (``"unit"``) for the published M3
 
 from __future__ import annotations
 
+import math
+import warnings
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, Literal
 
 import nibabel as nib
@@ -29,11 +31,16 @@ import numpy as np
 import pydicom
 from nibabel import orientations as nio
 from pydicom.errors import InvalidDicomError
+from pydicom.uid import UID
 
-from med2e3.errors import VolumeError
+from med2e3.errors import VolumeError, VolumeSizeError
 
 Orientation = Literal["axial", "acquisition"]
 Intensity = Literal["hu", "unit"]
+BadSlices = Literal["raise", "skip"]
+
+#: Default limit of `load_volume` on the memory a volume's voxels need (1 GiB: 512 x 512 x 1024 as float32).
+MAX_VOLUME_BYTES = 2**30
 
 #: CT display windows as (level, width) in HU; ``None`` means per-volume min-max (MRI, unknown units).
 WINDOWS: dict[str, tuple[float, float] | None] = {
@@ -45,12 +52,20 @@ WINDOWS: dict[str, tuple[float, float] | None] = {
 }
 
 _HU_MIN_BELOW = -200.0  # an array whose minimum is below this is taken to hold CT numbers
+_CT_AIR = -500.0  # every CT field of view holds air (about -1000 HU)
+_CT_FAT = -30.0  # ... or at least fat (-50 to -150 HU)
+_CT_MAX = 4000.0  # beyond 12-bit CT numbers (3071 HU), with no air: not CT
+MIN_SCAN_SIDE = 16  # a scan has at least this many voxels along two of its axes
 _UNIT_TOLERANCE = 1e-3  # resampling noise allowed around [0, 1] for "unit" arrays
 _CANONICAL = nio.axcodes2ornt(("S", "P", "L"))
 # Preferred direction per patient axis (0: R/L, 1: A/P, 2: S/I); +1 points to R, A or S.
 _DEPTH_SIGN = (-1.0, -1.0, 1.0)  # towards L, P, S
 _INPLANE_SIGN = (-1.0, -1.0, -1.0)  # towards L, P, I: image top is anterior or superior
 _LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0])
+
+
+class VolumeWarning(UserWarning):
+    """A volume was read, with a caveat the user should know about (e.g. skipped DICOM files)."""
 
 
 @dataclass(frozen=True, eq=False)
@@ -89,7 +104,12 @@ class Volume:
         return tuple(self.array.shape)  # type: ignore[return-value]
 
 
-def load_volume(path: str | Path, orientation: Orientation = "axial") -> Volume:
+def load_volume(
+    path: str | Path,
+    orientation: Orientation = "axial",
+    max_bytes: int = MAX_VOLUME_BYTES,
+    bad_slices: BadSlices = "raise",
+) -> Volume:
     """Read a ``.nii`` / ``.nii.gz`` file, a folder with one DICOM series, or an M3D-Data ``.npy``.
 
     NIfTI and DICOM are reoriented as ``orientation`` says (see the module docstring) and keep
@@ -99,22 +119,33 @@ def load_volume(path: str | Path, orientation: Orientation = "axial") -> Volume:
     minimum is below -200 (air), otherwise the file is rejected. ``orientation`` has no effect on
     ``.npy`` files.
 
+    ``max_bytes`` bounds the memory the voxels need (as stored or as float32, whichever is larger);
+    a NIfTI or ``.npy`` is checked from its header, before any voxel is read or decompressed.
+    In a DICOM folder, a DICOM file that is not a readable image slice is an error naming it, and so
+    is a file that is empty or has no DICOM marker but sits next to the slices with their extension
+    (a damaged slice); ``bad_slices="skip"`` skips such files instead, with a `VolumeWarning` naming
+    them and the number of slices kept. Other files (notes, a LOCKFILE) and DICOM objects that are
+    not images (DICOMDIR, reports) are ignored.
+
     Raises:
         VolumeError: the path is missing, unreadable, not a 3D image, or holds NaN / inf voxels.
+        VolumeSizeError: the voxels need more than ``max_bytes``.
         ValueError: ``orientation`` is not ``"axial"`` or ``"acquisition"``.
     """
     if orientation not in ("axial", "acquisition"):
         raise ValueError(f"orientation must be 'axial' or 'acquisition', got {orientation!r}")
+    if bad_slices not in ("raise", "skip"):
+        raise ValueError(f"bad_slices must be 'raise' or 'skip', got {bad_slices!r}")
     path = Path(path)
     if not path.exists():
         raise VolumeError(path, "no such file or folder")
     name = path.name.lower()
     if path.is_dir():
-        array, affine = _read_dicom_series(path)
+        array, affine = _read_dicom_series(path, bad_slices)
     elif name.endswith((".nii", ".nii.gz")):
-        array, affine = _read_nifti(path)
+        array, affine = _read_nifti(path, max_bytes)
     elif name.endswith(".npy"):
-        return _with_intensity(_read_npy(path), None, path)
+        return _with_intensity(_read_npy(path, max_bytes), None, path)
     else:
         raise VolumeError(
             path, "unsupported file type (expected .nii, .nii.gz, .npy or a DICOM series folder)"
@@ -180,20 +211,59 @@ def apply_window(array: np.ndarray, window: str) -> np.ndarray:
     return np.clip((x - low) / (high - low), 0.0, 1.0).astype(np.float32)
 
 
+def check_scan_size(volume: Volume) -> Volume:
+    """``volume`` unchanged if it is big enough to be a scan: `MIN_SCAN_SIDE` voxels along two axes.
+
+    A slab of a few slices passes; a 2 x 2 x 2 array or a line of voxels does not.
+
+    Raises:
+        VolumeError: the volume is too small.
+    """
+    if sorted(volume.shape)[1] < MIN_SCAN_SIDE:
+        shape = "x".join(map(str, volume.shape))
+        raise VolumeError(
+            volume.source,
+            f"{shape} voxels is too small to be a scan (at least {MIN_SCAN_SIDE} along two axes)",
+        )
+    return volume
+
+
+def ct_window_problem(volume: Volume, window: str) -> str | None:
+    """Why the CT ``window`` plainly does not suit ``volume``'s intensities, or None.
+
+    A volume read as CT numbers whose values hold no air (nothing below -500 HU) and either no fat
+    (nothing below -30 HU) or values past 12-bit CT (above 4000) is no CT in Hounsfield units: an MRI,
+    or a CT stored without its rescale intercept. A CT window would show the model flat grey slices.
+    """
+    if volume.intensity != "hu" or WINDOWS.get(window) is None:
+        return None
+    low, high = float(volume.array.min()), float(volume.array.max())
+    if low < _CT_AIR or (low < _CT_FAT and high <= _CT_MAX):
+        return None
+    where = f"{volume.source}: " if volume.source is not None else ""
+    return (
+        f"{where}intensities in [{low:.4g}, {high:.4g}] do not look like CT Hounsfield units, so the "
+        f"{window!r} CT window shows the model flat grey slices; for MRI and other non-CT images use "
+        "--window minmax (window='minmax')"
+    )
+
+
 # --- readers: each returns (array, affine) with array axes (slice, row, column) --------------------
 
 
-def _read_nifti(path: Path) -> tuple[np.ndarray, np.ndarray]:
+def _read_nifti(path: Path, max_bytes: int) -> tuple[np.ndarray, np.ndarray]:
     """NIfTI voxels as (k, j, i) plus the matching voxel -> RAS affine."""
     try:
         image = nib.load(path)
         shape = image.shape
+        dtype = image.get_data_dtype()
     except Exception as exc:
         raise VolumeError(path, f"not a readable NIfTI file ({_short(exc)})") from exc
     if len(shape) == 4 and shape[3] == 1:
         shape = shape[:3]
     elif len(shape) != 3:
         raise VolumeError(path, f"expected a 3D image, got shape {tuple(shape)}")
+    _check_declared(shape, dtype, max_bytes, path)
     try:
         data = image.get_fdata(dtype=np.float32).reshape(shape)
     except Exception as exc:
@@ -202,104 +272,211 @@ def _read_nifti(path: Path) -> tuple[np.ndarray, np.ndarray]:
     return data.transpose(2, 1, 0), affine[:, [2, 1, 0, 3]]
 
 
-def _read_npy(path: Path) -> np.ndarray:
+def _read_npy(path: Path, max_bytes: int) -> np.ndarray:
     """An M3D-Data array, (1, D, H, W) or (D, H, W), validated as (D, H, W)."""
     try:
-        array = np.load(path, allow_pickle=False)
+        array = np.load(path, mmap_mode="r", allow_pickle=False)  # the header only, until used
     except Exception as exc:
         raise VolumeError(path, f"not a readable .npy array ({_short(exc)})") from exc
+    _check_declared(array.shape, array.dtype, max_bytes, path)
     if array.ndim == 4 and array.shape[0] == 1:
         array = array[0]
     return _check_voxels(array, path)
 
 
-def _read_dicom_series(folder: Path) -> tuple[np.ndarray, np.ndarray]:
+@dataclass(frozen=True)
+class _Slice:
+    """One readable DICOM image slice: its file (relative to the series folder), header and HU pixels."""
+
+    name: str
+    ds: pydicom.Dataset
+    hu: np.ndarray
+    orientation: np.ndarray
+    spacing: np.ndarray
+    position: np.ndarray
+
+
+def _read_dicom_series(folder: Path, bad_slices: BadSlices) -> tuple[np.ndarray, np.ndarray]:
     """One DICOM series as HU voxels (slice, row, column) plus its voxel -> RAS affine."""
-    slices = _dicom_slices(folder)
-    uids = sorted({str(ds.get("SeriesInstanceUID", "?")) for ds in slices})
+    slices, skipped = _dicom_slices(folder, bad_slices)
+    uids = sorted({str(s.ds.get("SeriesInstanceUID", "?")) for s in slices})
     if len(uids) > 1:
         raise VolumeError(
             folder, f"holds {len(uids)} DICOM series ({', '.join(uids[:3])}); pass one series folder"
         )
     if len(slices) < 2:
         raise VolumeError(folder, "holds a single DICOM image: a 2D image, not a volume")
-    orient, spacing, shape = _dicom_geometry(slices[0], folder)
-    for ds in slices[1:]:
-        other = _dicom_geometry(ds, folder)
-        if not np.allclose(other[0], orient, atol=1e-4):
-            raise VolumeError(folder, "slices have different ImageOrientationPatient")
-        if not np.allclose(other[1], spacing, rtol=1e-4) or other[2] != shape:
-            raise VolumeError(folder, "slices have different PixelSpacing or image size")
-    row_dir, col_dir = orient[:3], orient[3:]  # along a row (column index), along a column (row index)
+    first = slices[0]
+    for s in slices[1:]:
+        if not np.allclose(s.orientation, first.orientation, atol=1e-4):
+            raise VolumeError(
+                folder, f"slices have different ImageOrientationPatient ({first.name}, {s.name})"
+            )
+        if not np.allclose(s.spacing, first.spacing, rtol=1e-4) or s.hu.shape != first.hu.shape:
+            raise VolumeError(
+                folder, f"slices have different PixelSpacing or image size ({first.name}, {s.name})"
+            )
+    row_dir, col_dir = first.orientation[:3], first.orientation[3:]  # along a row, along a column
     normal = np.cross(row_dir, col_dir)
-    positions = np.array([_dicom_floats(ds, "ImagePositionPatient", 3, folder) for ds in slices])
-    order = np.argsort(positions @ normal, kind="stable")
-    positions, slices = positions[order], [slices[i] for i in order]
+    slices.sort(key=lambda s: float(s.position @ normal))
+    positions = np.array([s.position for s in slices])
     gaps = np.diff(positions @ normal)
     if gaps.min() < 1e-3:
         raise VolumeError(folder, "two slices share one position (duplicate images?)")
     if np.abs(gaps - np.median(gaps)).max() > 0.1 * np.median(gaps) + 1e-2:
-        raise VolumeError(folder, "uneven slice spacing (missing slices?)")
-    array = np.stack([_dicom_hu(ds, shape, folder) for ds in slices])
+        after = f" after skipping {', '.join(name for name, _ in skipped)}" if skipped else ""
+        raise VolumeError(folder, f"uneven slice spacing (missing slices?){after}")
+    if skipped:
+        details = "; ".join(f"{name}: {reason}" for name, reason in skipped)
+        warnings.warn(
+            f"{folder}: skipped {len(skipped)} unreadable DICOM file{'s' if len(skipped) > 1 else ''} "
+            f"({details}); kept {len(slices)} of {len(slices) + len(skipped)} slices",
+            VolumeWarning,
+            stacklevel=3,
+        )
     linear = np.column_stack(
-        [(positions[-1] - positions[0]) / (len(slices) - 1), col_dir * spacing[0], row_dir * spacing[1]]
+        [
+            (positions[-1] - positions[0]) / (len(slices) - 1),
+            col_dir * first.spacing[0],
+            row_dir * first.spacing[1],
+        ]
     )
     affine = np.eye(4)
     affine[:3, :3] = _LPS_TO_RAS @ linear
     affine[:3, 3] = _LPS_TO_RAS @ positions[0]
-    return array, affine
+    return np.stack([s.hu for s in slices]), affine
 
 
-def _dicom_slices(folder: Path) -> list[pydicom.Dataset]:
-    """Every DICOM image (with pixel data) under ``folder``; other files are ignored."""
-    slices = []
+def _dicom_slices(folder: Path, bad_slices: BadSlices) -> tuple[list[_Slice], list[tuple[str, str]]]:
+    """Every DICOM image slice under ``folder``, and the (file, reason) of each bad file skipped.
+
+    A file without the DICOM marker (or empty) is ignored, unless it sits next to image slices with
+    their extension: then it is taken for a damaged slice, and is bad like an unreadable DICOM file.
+    """
+    slices: list[_Slice] = []
+    skipped: list[tuple[str, str]] = []
+    unknown: list[tuple[str, str]] = []
+
+    def bad(name: str, reason: str) -> None:
+        if bad_slices == "raise":
+            raise VolumeError(folder, f"DICOM file {name} {reason}")
+        skipped.append((name, reason))
+
     for file in sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith(".")):
+        name = file.relative_to(folder).as_posix()
         try:
-            ds = pydicom.dcmread(file)
-        except InvalidDicomError:
-            continue
-        except Exception as exc:
-            raise VolumeError(folder, f"cannot read DICOM file {file.name} ({_short(exc)})") from exc
-        if "PixelData" in ds:
-            slices.append(ds)
+            image = _dicom_slice(file, name)
+        except _NotDicom as err:
+            unknown.append((name, err.reason))
+        except _BadFile as err:
+            bad(name, err.reason)
+        else:
+            if image is not None:
+                slices.append(image)
+    like_slices = {_place(s.name) for s in slices}
+    for name, reason in unknown:
+        if _place(name) in like_slices:
+            bad(name, reason)
     if not slices:
         raise VolumeError(folder, "folder holds no DICOM images")
-    return slices
+    return slices, skipped
 
 
-def _dicom_geometry(ds: pydicom.Dataset, folder: Path) -> tuple[np.ndarray, np.ndarray, tuple[int, int]]:
-    """(ImageOrientationPatient, PixelSpacing, (Rows, Columns)) of one slice."""
+def _place(name: str) -> tuple[str, str]:
+    """A file's folder and extension: files with the same place as image slices should be slices."""
+    path = PurePosixPath(name)
+    return str(path.parent), path.suffix.lower()
+
+
+class _BadFile(Exception):
+    """A file of a DICOM folder that should be an image slice and is not a readable one."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
+class _NotDicom(_BadFile):
+    """A file that is empty or has no DICOM marker: bad only if it is named like the slices."""
+
+
+def _dicom_slice(file: Path, name: str) -> _Slice | None:
+    """One image slice; None for a DICOM object that is no image (DICOMDIR, a report, ...).
+
+    Raises:
+        _NotDicom: the file is empty or has no DICOM marker.
+        _BadFile: the file is DICOM but not a readable image slice.
+    """
+    if file.stat().st_size == 0:
+        raise _NotDicom("is empty")
+    try:
+        ds = pydicom.dcmread(file)
+    except InvalidDicomError:
+        raise _NotDicom("is not a DICOM file (no DICM marker)") from None
+    except Exception as exc:
+        raise _BadFile(f"cannot be read ({_short(exc)})") from exc
+    if "PixelData" not in ds:
+        if _is_not_an_image(ds):
+            return None
+        raise _BadFile("has no pixel data (truncated or corrupt)")
     if int(ds.get("NumberOfFrames", 1) or 1) > 1:
-        raise VolumeError(folder, "multi-frame DICOM files are not supported; use one file per slice")
-    orient = _dicom_floats(ds, "ImageOrientationPatient", 6, folder)
-    spacing = _dicom_floats(ds, "PixelSpacing", 2, folder)
-    return orient, spacing, (int(ds.Rows), int(ds.Columns))
+        raise _BadFile("is multi-frame, which is not supported; use one file per slice")
+    orientation = _dicom_floats(ds, "ImageOrientationPatient", 6)
+    spacing = _dicom_floats(ds, "PixelSpacing", 2)
+    position = _dicom_floats(ds, "ImagePositionPatient", 3)
+    return _Slice(name, ds, _dicom_hu(ds), orientation, spacing, position)
 
 
-def _dicom_floats(ds: pydicom.Dataset, keyword: str, count: int, folder: Path) -> np.ndarray:
+def _is_not_an_image(ds: pydicom.Dataset) -> bool:
+    """True for a DICOM object whose SOP class is known and is no image (DICOMDIR, a report, ...)."""
+    meta = getattr(ds, "file_meta", None)
+    sop = ds.get("SOPClassUID") or (meta.get("MediaStorageSOPClassUID") if meta is not None else None)
+    return sop is not None and "Image" not in UID(str(sop)).name
+
+
+def _dicom_floats(ds: pydicom.Dataset, keyword: str, count: int) -> np.ndarray:
     value = ds.get(keyword)
     if value is None or len(value) != count:
-        raise VolumeError(folder, f"a slice lacks a valid {keyword}")
+        raise _BadFile(f"lacks a valid {keyword}")
     return np.array([float(v) for v in value], dtype=np.float64)
 
 
-def _dicom_hu(ds: pydicom.Dataset, shape: tuple[int, int], folder: Path) -> np.ndarray:
+def _dicom_hu(ds: pydicom.Dataset) -> np.ndarray:
     """Pixel data of one slice rescaled to HU (RescaleSlope / RescaleIntercept)."""
     try:
         pixels = ds.pixel_array
     except Exception as exc:
         syntax = ds.file_meta.get("TransferSyntaxUID", "unknown") if hasattr(ds, "file_meta") else "unknown"
-        raise VolumeError(
-            folder, f"cannot decode pixel data (transfer syntax {syntax}: {_short(exc)})"
+        raise _BadFile(
+            f"has pixel data that cannot be decoded (transfer syntax {syntax}: {_short(exc)})"
         ) from exc
+    shape = (int(ds.get("Rows", 0)), int(ds.get("Columns", 0)))
     if pixels.shape != shape:
-        raise VolumeError(folder, f"pixel data of shape {pixels.shape} is not a {shape} grayscale image")
+        raise _BadFile(f"has pixel data of shape {pixels.shape}, not a {shape} grayscale image")
     slope = float(ds.get("RescaleSlope", 1.0) or 1.0)
     intercept = float(ds.get("RescaleIntercept", 0.0) or 0.0)
     return (pixels.astype(np.float64) * slope + intercept).astype(np.float32)
 
 
 # --- shared checks and geometry ---------------------------------------------------------------------
+
+
+def _check_declared(shape: tuple[int, ...], dtype: np.dtype, max_bytes: int, path: Path) -> None:
+    """Refuse, from a header alone, voxels that are not real numbers or would need more than ``max_bytes``."""
+    if dtype.kind not in "biuf":
+        raise VolumeError(path, f"voxels must be real numbers, got dtype {dtype}")
+    needed = math.prod(shape) * max(dtype.itemsize, 4)  # as stored, then as float32
+    if needed > max_bytes:
+        raise VolumeSizeError(
+            path,
+            f"{'x'.join(map(str, shape))} voxels of {dtype} need {_bytes(needed)} to read, more than "
+            f"the {_bytes(max_bytes)} limit (--max-volume-mb)",
+        )
+
+
+def _bytes(n: int) -> str:
+    """A byte count in MiB or GiB."""
+    return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
 
 
 def _check_voxels(array: np.ndarray, path: Path | None) -> np.ndarray:

@@ -173,7 +173,14 @@ class Med2E3Processor:
         return processor
 
     def check_config(self, config: Med2E3Config) -> None:
-        """Raise ConfigError if this processor does not fit ``config``."""
+        """Raise ConfigError if this processor does not fit ``config``.
+
+        Also lowers ``question_max_length`` to the question encoder's positions (folders saved before
+        it was bounded say 512 whatever the encoder), so that a long TG-IS question is truncated to
+        what the encoder can read instead of failing.
+        """
+        positions = config.question_encoder_config.max_position_embeddings
+        self.question_max_length = min(self.question_max_length, positions)
         if self.image_token_id != config.image_token_id:
             raise ConfigError(
                 f"tokenizer id of {self.image_token!r} is {self.image_token_id}, config.image_token_id is "
@@ -229,6 +236,16 @@ class Med2E3Processor:
         return cls(AutoTokenizer.from_pretrained(directory), question_tokenizer, **settings)
 
     # ---- text -------------------------------------------------------------------------------------
+    def prompt_length(self, text: str) -> int:
+        """Tokens of the LLM prompt for the user turn ``text``, image tokens included."""
+        return len(self._prompt_ids(text, 0))
+
+    def question_length(self, question: str) -> int | None:
+        """Tokens of ``question`` for TG-IS before truncation (with [CLS] / [SEP]); None without TG-IS."""
+        if self.question_tokenizer is None:
+            return None
+        return len(self.question_tokenizer(question, truncation=False)["input_ids"])
+
     def prompt(self, text: str) -> str:
         """The chat-template prompt for one user turn, ending where the answer starts."""
         return f"{self.system_prompt} USER: {self.image_token}\n{text.strip()} ASSISTANT:"

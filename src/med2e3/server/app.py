@@ -1,7 +1,7 @@
 """The FastAPI app: one page and a REST API over a `Med2E3Predictor`.
 
 Model calls (encoding an upload, answering, reporting) go through one `ModelQueue`; everything
-else (slices, health) runs beside it. Encoded volumes are cached in the `VolumeStore`, so several
+else (reading an upload, slices, health) runs beside it. Encoded volumes are cached in the `VolumeStore`, so several
 questions about one upload encode it once. No model logic lives here.
 """
 
@@ -29,8 +29,8 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
 from med2e3.data.datasets import REPORT_INSTRUCTIONS
-from med2e3.data.io import WINDOWS
-from med2e3.errors import InputError, Med2E3Error, VolumeError
+from med2e3.data.io import WINDOWS, Volume
+from med2e3.errors import InputError, Med2E3Error, VolumeError, VolumeSizeError
 from med2e3.inference import MAX_QUESTION_CHARS, Answer, LoadedVolume, Med2E3Predictor
 from med2e3.server.guard import Guard
 from med2e3.server.queue import ModelQueue, QueueFull, QueueTimeout
@@ -87,6 +87,9 @@ class AnswerOut(BaseModel):
     slice_scores: list[float] | None = Field(description="TG-IS weight per model slice (sum 1)")
     slice_ranges: list[list[int]] = Field(description="[start, stop) original slices behind each model slice")
     top_slices: list[int] = Field(description="model slices with the highest weights, best first")
+    notes: list[str] = Field(
+        description="how the question was read, e.g. truncated for TG-IS's question encoder"
+    )
 
 
 class HealthOut(BaseModel):
@@ -143,6 +146,17 @@ class ServerState:
             parent=settings.upload_dir,
         )
         self.uploads_running = 0
+        self._reading = threading.Lock()
+
+    # -- reading (worker threads, beside the model) --
+    def read_volume(self, entry: StoredVolume) -> Volume:
+        """The upload's volume, read again from disk (once) if it left memory with its encoding."""
+        with self._reading:
+            volume = self.store.volume(entry.id)
+            if volume is None:
+                volume = self.predictor.read(entry.source)
+                self.store.keep_volume(entry.id, volume)
+            return volume
 
     # -- model-thread jobs (run one at a time by the queue) --
     def ensure_loaded(self, entry: StoredVolume) -> LoadedVolume:
@@ -150,7 +164,8 @@ class ServerState:
         self.store.get(entry.id)  # UnknownVolume if it expired while waiting
         loaded = self.store.loaded(entry.id)
         if loaded is None:
-            loaded = self.predictor.load(entry.source)
+            volume = self.store.volume(entry.id)
+            loaded = self.predictor.load(entry.source if volume is None else volume)
             self.store.cache(entry.id, loaded)
         self.predictor.current = loaded
         return loaded
@@ -164,14 +179,15 @@ class ServerState:
     ) -> None:
         """Emit ('piece', text) as the answer grows, then ('answer', dict) or ('error', dict)."""
         try:
-            loaded = self.ensure_loaded(entry)
-            pieces = []
-            for piece in self.predictor.stream(question, max_new_tokens=max_new_tokens):
-                pieces.append(piece)
-                if piece:
-                    emit("piece", {"text": piece})
-            scores = self.predictor.slice_scores(question)
-            emit("answer", Answer(question, "".join(pieces), scores, loaded.slice_ranges).to_dict())
+            self.ensure_loaded(entry)
+            stream = self.predictor.stream_answer(question, max_new_tokens=max_new_tokens)
+            while True:
+                try:
+                    emit("piece", {"text": next(stream)})
+                except StopIteration as done:
+                    answer: Answer = done.value
+                    break
+            emit("answer", answer.to_dict())
         except UnknownVolume as err:
             emit("error", {"error": unknown_message(err)})
         except Med2E3Error as err:
@@ -195,7 +211,7 @@ class ServerState:
         try:
             return await self.queue.run(fn, entry, *args)
         except VolumeError as err:
-            raise UploadError(entry.label, err.reason) from None
+            raise refused(entry.label, err) from None
 
     def open_stream(self, entry: StoredVolume, question: str, max_new_tokens: int) -> StreamingResponse:
         """Queue a streamed answer (503 now if the queue is full) and return its server-sent events."""
@@ -238,6 +254,11 @@ OOM_MESSAGE = "the model ran out of memory on this request; try again later or w
 
 def unknown_message(err: UnknownVolume) -> str:
     return f"no volume {err.args[0]!r}: it was never uploaded, was deleted, or expired"
+
+
+def refused(label: str, err: VolumeError) -> UploadError:
+    """A reader's error as the upload's: named by its label, 413 when the volume is over a size limit."""
+    return UploadError(label, err.reason, 413 if isinstance(err, VolumeSizeError) else 400)
 
 
 def public_message(err: Exception, label: str) -> str:
@@ -350,7 +371,7 @@ def _add_page(app: FastAPI) -> None:
         "Cache-Control": "no-store",
     }
 
-    @app.get("/", include_in_schema=False)
+    @app.api_route("/", methods=["GET", "HEAD"], include_in_schema=False)
     async def index() -> HTMLResponse:
         return HTMLResponse(page, headers=headers)
 
@@ -424,6 +445,7 @@ def _add_routes(app: FastAPI, server: ServerState) -> None:
             )
         if server.uploads_running >= settings.max_uploads:
             raise QueueFull(f"{server.uploads_running} uploads are already in progress; try again shortly")
+        server.queue.check_room()
         server.uploads_running += 1
         vid, folder = server.store.reserve()
         try:
@@ -432,10 +454,11 @@ def _add_routes(app: FastAPI, server: ServerState) -> None:
                 request.stream(), request.headers.get("content-type"), raw, settings.max_upload_bytes
             )
             source = await run_in_threadpool(prepare_upload, raw, folder, label, settings)
-            try:
-                loaded = await server.queue.run(server.predictor.load, source)
+            try:  # read beside the model (slices and other requests go on); only encoding queues
+                volume = await run_in_threadpool(server.predictor.read, source)
+                loaded = await server.queue.run(server.predictor.load, volume)
             except VolumeError as err:
-                raise UploadError(label, err.reason) from None
+                raise refused(label, err) from None
             entry = server.store.add(vid, source, label, loaded)
         except BaseException:
             server.store.discard(vid)
@@ -477,8 +500,11 @@ def _add_routes(app: FastAPI, server: ServerState) -> None:
         except ValueError as err:
             raise InputError(str(err)) from None
         volume = server.store.volume(vid)
-        if volume is None:
-            volume = (await server.model_call(entry, server.ensure_loaded)).volume
+        if volume is None:  # its encoding left the cache: read it again, without waiting for the model
+            try:
+                volume = await run_in_threadpool(server.read_volume, entry)
+            except VolumeError as err:
+                raise refused(entry.label, err) from None
         png = await run_in_threadpool(slice_png, volume.array, k, bounds)
         return Response(png, media_type="image/png", headers={"Cache-Control": "private, max-age=3600"})
 
@@ -487,6 +513,7 @@ def _add_routes(app: FastAPI, server: ServerState) -> None:
         """Answer a question about an upload, with its TG-IS slice scores."""
         entry = server.entry(vid)
         n = server.tokens(body.max_new_tokens, settings.max_new_tokens)
+        server.predictor.check_question(body.question)
         answer = await server.model_call(entry, server.answer, body.question, n)
         return answer.to_dict()
 
@@ -517,6 +544,7 @@ def _add_routes(app: FastAPI, server: ServerState) -> None:
         """Answer a question, streaming the text as it is generated."""
         entry = server.entry(vid)
         n = server.tokens(body.max_new_tokens, settings.max_new_tokens)
+        server.predictor.check_question(body.question)  # a 400 now, not an error event after a 200
         return server.open_stream(entry, body.question, n)
 
     @app.post(

@@ -63,6 +63,11 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
         help="how uploads are read: axial slices or the scan's own slice axis (default: the model's own)",
     )
     p.add_argument("--max-upload-mb", type=float, default=512, help="largest upload (default 512)")
+    p.add_argument(
+        "--max-volume-mb",
+        type=float,
+        help="refuse (413) a volume whose voxels need more memory than this, from its header (default 1024)",
+    )
     p.add_argument("--ttl", type=float, default=3600, help="seconds an unused upload is kept (default 3600)")
     p.add_argument(
         "--max-waiting", type=int, default=4, help="model requests that may wait; more get 503 (default 4)"
@@ -142,7 +147,12 @@ def load_predictor(args: argparse.Namespace) -> Med2E3Predictor:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     compile = device.type == "cuda" if args.compile is None else args.compile
     return Med2E3Predictor.from_pretrained(
-        args.model, device=device, window=args.window, orientation=args.orientation, compile=compile
+        args.model,
+        device=device,
+        window=args.window,
+        orientation=args.orientation,
+        compile=compile,
+        max_volume_bytes=None if args.max_volume_mb is None else int(args.max_volume_mb * MB),
     )
 
 

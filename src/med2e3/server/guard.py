@@ -1,8 +1,9 @@
 """Who may talk to the server: a bearer token, a loopback Host header, and same-origin browsers.
 
-* With a token, every request must send ``Authorization: Bearer TOKEN`` (401 without, 403 when
-  wrong); only the page itself (``GET /``) may carry it as ``?token=`` instead, since a browser
-  cannot add a header when it opens a link.
+* With a token, every API request must send ``Authorization: Bearer TOKEN`` (401 without, 403
+  when wrong). The page itself (``GET /``) is served without one: it holds nothing private, takes
+  the token from ``?token=`` (a browser cannot add a header when it opens a link) or asks for it,
+  and sends it with every API call; so a reload, or a link without the token, still shows the page.
 * Without a token (loopback only), the Host header must name a loopback address, so a web page
   on another site cannot reach the server through DNS rebinding.
 * A browser request from another origin (its ``Origin`` header differs from ``Host``) is refused,
@@ -15,7 +16,7 @@ import json
 import secrets
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import urlsplit
 
 from med2e3.server.settings import is_loopback
 
@@ -52,12 +53,9 @@ class Guard:
         origin = headers.get("origin")
         if origin is not None and urlsplit(origin).netloc != host:  # 'null' (sandboxed frames) too
             return 403, f"cross-origin request from {origin} refused"
-        if self.token is None:
+        if self.token is None or (scope.get("method") in ("GET", "HEAD") and scope.get("path") in PAGE_PATHS):
             return None
         sent = _bearer(headers.get("authorization", ""))
-        if sent is None and scope.get("method") == "GET" and scope.get("path") in PAGE_PATHS:
-            query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
-            sent = query.get("token", [None])[0]
         if sent is None:
             return (
                 401,

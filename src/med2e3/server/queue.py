@@ -46,15 +46,19 @@ class ModelQueue:
             QueueFull: ``capacity`` requests are already running or waiting.
         """
         with self._lock:
-            if self._pending >= self.capacity:
-                raise QueueFull(
-                    f"the model is busy ({self._pending - 1} requests waiting, the limit is "
-                    f"{self.capacity - 1}); try again shortly"
-                )
+            self.check_room()
             self._pending += 1
         future = self._executor.submit(fn, *args)
         future.add_done_callback(self._release)
         return future
+
+    def check_room(self) -> None:
+        """Raise QueueFull if a request submitted now would be refused (to refuse before costly work)."""
+        if self._pending >= self.capacity:
+            raise QueueFull(
+                f"the model is busy ({self._pending - 1} requests waiting, the limit is "
+                f"{self.capacity - 1}); try again shortly"
+            )
 
     def _release(self, _: Future) -> None:
         with self._lock:

@@ -50,7 +50,8 @@ class VolumeStore:
 
     Thread-safe: the event loop and the model thread both use it. Bounded three ways: uploads
     unused for ``ttl_s`` are removed by `sweep`, at most ``max_stored`` uploads / ``max_disk_bytes``
-    stay on disk, and at most ``max_loaded`` encoded volumes stay in memory.
+    stay on disk, and at most ``max_loaded`` encoded volumes stay in memory, plus at most
+    ``max_loaded`` volumes read again without their encoding (for the viewer, see `keep_volume`).
     """
 
     def __init__(
@@ -72,6 +73,7 @@ class VolumeStore:
         self._lock = threading.RLock()
         self._entries: dict[str, StoredVolume] = {}
         self._loaded: OrderedDict[str, LoadedVolume] = OrderedDict()
+        self._volumes: OrderedDict[str, Volume] = OrderedDict()
 
     def open(self) -> Path:
         """Make the private folder (mode 0700) unless it exists; return it."""
@@ -99,6 +101,7 @@ class VolumeStore:
         with self._lock:
             self._entries.pop(vid, None)
             self._loaded.pop(vid, None)
+            self._volumes.pop(vid, None)
         shutil.rmtree(self.root / vid, ignore_errors=True)
 
     def add(self, vid: str, source: Path, label: str, loaded: LoadedVolume) -> StoredVolume:
@@ -158,15 +161,25 @@ class VolumeStore:
         with self._lock:
             if vid not in self._entries:
                 return
-            self._loaded[vid] = loaded
-            self._loaded.move_to_end(vid)
-            while len(self._loaded) > self.max_loaded:
-                self._loaded.popitem(last=False)
+            self._volumes.pop(vid, None)
+            _remember(self._loaded, vid, loaded, self.max_loaded)
+
+    def keep_volume(self, vid: str, volume: Volume) -> None:
+        """Keep the volume of an upload whose encoding left the cache, so that slices need not read it again."""
+        with self._lock:
+            if vid in self._entries and vid not in self._loaded:
+                _remember(self._volumes, vid, volume, self.max_loaded)
 
     def volume(self, vid: str) -> Volume | None:
         """The original volume if it is in memory, else None (the caller reads ``source``)."""
         loaded = self.loaded(vid)
-        return None if loaded is None else loaded.volume
+        if loaded is not None:
+            return loaded.volume
+        with self._lock:
+            volume = self._volumes.get(vid)
+            if volume is not None:
+                self._volumes.move_to_end(vid)
+            return volume
 
     @property
     def n_loaded(self) -> int:
@@ -186,9 +199,18 @@ class VolumeStore:
         with self._lock:
             self._entries.clear()
             self._loaded.clear()
+            self._volumes.clear()
         if self._root is not None:
             shutil.rmtree(self._root, ignore_errors=True)
             self._root = None
+
+
+def _remember(cache: OrderedDict, key: str, value: object, limit: int) -> None:
+    """Put ``key`` last in an LRU ``cache``, dropping the least recently used beyond ``limit``."""
+    cache[key] = value
+    cache.move_to_end(key)
+    while len(cache) > limit:
+        cache.popitem(last=False)
 
 
 def _disk_bytes(folder: Path) -> int:

@@ -287,11 +287,14 @@ def _entry_problem(info: zipfile.ZipInfo) -> str | None:
 
 
 def extract_dicom_zip(src: Path, dest: Path, label: str, max_entries: int, max_bytes: int) -> int:
-    """Write the DICOM files of the zip ``src`` into ``dest`` as 00000.dcm, 00001.dcm, ...; return their count.
+    """Write the DICOM files of the zip ``src`` into ``dest``; return their count.
 
-    Entry names are checked (no absolute paths, '..', symlinks or encryption) but never used; the
-    declared sizes must fit ``max_bytes`` and so must the bytes actually decompressed. Entries
-    without 'DICM' at byte 128 are skipped.
+    Entry names are checked (no absolute paths, '..', symlinks or encryption) and never used as
+    paths: files are written as ``00000-NAME.dcm``, ``00001-NAME.dcm``, ... where NAME is the stem of
+    the entry's `safe_label`, so that a reader's error can name the entry. The declared sizes must fit
+    ``max_bytes`` and so must the bytes actually decompressed. Entries without 'DICM' at byte 128
+    are skipped, unless they sit next to DICOM entries with their extension (a damaged slice, which
+    the reader then reports).
 
     Raises:
         UploadError: a refused or corrupt archive (400), too many entries or bytes (413), no DICOM (415).
@@ -320,25 +323,31 @@ def extract_dicom_zip(src: Path, dest: Path, label: str, max_entries: int, max_b
 def _copy_dicom_entries(
     archive: zipfile.ZipFile, infos: list[zipfile.ZipInfo], dest: Path, label: str, max_bytes: int
 ) -> int:
-    """Copy the DICOM entries, counting every decompressed byte against ``max_bytes``."""
-    count = 0
-    expanded = 0
-    for info in infos:
-        if info.is_dir():
-            continue
-        with archive.open(info) as entry:
-            head = entry.read(_DICM_OFFSET + 4)
-            expanded += len(head)
-            if head[_DICM_OFFSET:] != b"DICM":
-                continue
-            with (dest / f"{count:05d}.dcm").open("xb") as out:
-                out.write(head)
-                while chunk := entry.read(_CHUNK):
-                    expanded += len(chunk)
-                    if expanded > max_bytes:
-                        raise UploadError(label, f"the zip expands past the {_mb(max_bytes)} limit", 413)
-                    out.write(chunk)
-            count += 1
-    if count == 0:
+    """Copy the DICOM entries (and look-alikes), counting every decompressed byte against ``max_bytes``."""
+    files = [info for info in infos if not info.is_dir()]
+    dicom = [_is_dicom(archive, info) for info in files]
+    if not any(dicom):
         raise UploadError(label, "the zip holds no DICOM files (no 'DICM' marker at byte 128)", 415)
-    return count
+    places = {_entry_place(info) for info, is_dicom in zip(files, dicom, strict=True) if is_dicom}
+    keep = [i for i, d in zip(files, dicom, strict=True) if d or _entry_place(i) in places]
+    expanded = 0
+    for count, info in enumerate(keep):
+        name = PurePosixPath(safe_label(info.filename)).stem
+        with archive.open(info) as entry, (dest / f"{count:05d}-{name}.dcm").open("xb") as out:
+            while chunk := entry.read(_CHUNK):
+                expanded += len(chunk)
+                if expanded > max_bytes:
+                    raise UploadError(label, f"the zip expands past the {_mb(max_bytes)} limit", 413)
+                out.write(chunk)
+    return len(keep)
+
+
+def _is_dicom(archive: zipfile.ZipFile, info: zipfile.ZipInfo) -> bool:
+    with archive.open(info) as entry:
+        return entry.read(_DICM_OFFSET + 4)[_DICM_OFFSET:] == b"DICM"
+
+
+def _entry_place(info: zipfile.ZipInfo) -> tuple[str, str]:
+    """An entry's folder and extension: entries in the same place as DICOM slices should be slices."""
+    path = PurePosixPath(info.filename.replace("\\", "/"))
+    return str(path.parent), path.suffix.lower()

@@ -1,6 +1,7 @@
 "use strict";
 // Med-2E3 page: upload a volume, browse its slices, ask questions, see where TG-IS looked.
-// Talks only to this server's /api; the token (if any) comes once from ?token= and stays in sessionStorage.
+// Talks only to this server's /api; the token (if any) comes once from ?token= (or from the token form)
+// and stays in sessionStorage, so a reload keeps working.
 
 const $ = (id) => document.getElementById(id);
 const SVG_NS = "http://www.w3.org/2000/svg";
@@ -78,6 +79,10 @@ function setBusy(text) {
 async function start() {
   takeToken();
   const response = await api("/api/info");
+  if (response.status === 401 || response.status === 403) {
+    askToken(await errorText(response));
+    return;
+  }
   if (!response.ok) {
     showError(await errorText(response));
     $("server-status").textContent = "not connected";
@@ -99,6 +104,23 @@ async function start() {
   $("chart").addEventListener("click", onChartClick);
   window.addEventListener("resize", drawChart);
   drawChart();
+}
+
+function askToken(message) {
+  $("server-status").textContent = "token needed";
+  showError(message);
+  const form = $("token-form");
+  form.hidden = false;
+  $("token").focus();
+  form.onsubmit = (event) => {
+    event.preventDefault();
+    const token = $("token").value.trim();
+    if (!token) return;
+    sessionStorage.setItem("med2e3-token", token);
+    form.hidden = true;
+    showError("");
+    start().catch((err) => showError(`could not start: ${err}`));
+  };
 }
 
 function buildWindows() {
@@ -254,6 +276,7 @@ async function ask(report) {
   text.textContent = "";
   text.classList.add("streaming");
   $("top-slices").textContent = "";
+  $("answer-notes").hidden = true;
   setBusy(report ? "Writing the report…" : "Thinking…");
   try {
     const response = await postJSON(path, body);
@@ -307,6 +330,9 @@ async function readEvents(response, onEvent) {
 function showAnswer(answer) {
   state.answer = answer;
   $("answer-text").textContent = answer.answer || "(empty answer)";
+  const notes = answer.notes || [];
+  $("answer-notes").textContent = notes.join(" ");
+  $("answer-notes").hidden = notes.length === 0;
   const box = $("top-slices");
   box.textContent = "";
   if (!answer.slice_scores) {
