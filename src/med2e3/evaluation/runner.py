@@ -13,11 +13,8 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
-import os
 import statistics
-import tempfile
 from collections import defaultdict
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -36,6 +33,7 @@ from med2e3.data.datasets import (
 from med2e3.errors import ConfigError, DatasetError
 from med2e3.evaluation.metrics import METRIC_NAMES, closed_vqa_accuracy, score_texts
 from med2e3.evaluation.reliance import ImageReliance, image_reliance, question_dependence
+from med2e3.files import write_atomic
 
 #: Tokens generated per task unless told otherwise (closed answers are a letter and a choice).
 DEFAULT_MAX_NEW_TOKENS: dict[str, int] = {"vqa_closed": 8, "vqa_open": 32, "caption": 128, "report": 128}
@@ -258,25 +256,6 @@ class EvalReport:
             write_atomic(json_path, self.to_json())
         if markdown_path is not None:
             write_atomic(markdown_path, self.to_markdown())
-
-
-def write_atomic(path: str | Path, text: str) -> Path:
-    """Write ``text`` to a temporary file next to ``path``, then move it into place."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    return path
 
 
 def _type_order(types: Iterable[str]) -> list[str]:
