@@ -392,8 +392,10 @@ class Med2E3Predictor:
         loaded = self._loaded()
         inputs = self._inputs([question])
         with torch.no_grad():
-            _, scores = self.model.visual_tokens(
-                loaded.encoding, inputs.get("question_input_ids"), inputs.get("question_attention_mask")
+            _, scores = self.model.get_image_features(
+                volume_encoding=loaded.encoding,
+                question_input_ids=inputs.get("question_input_ids"),
+                question_attention_mask=inputs.get("question_attention_mask"),
             )
         return None if scores is None else scores[0].float().cpu().tolist()
 

@@ -280,3 +280,42 @@ def test_bad_prompts_are_rejected(tgis):
         model(input_ids=batch["input_ids"])
     with pytest.raises(InputError, match="one volume per prompt"):
         model(**{**batch, "pixel_values": volumes(2)})
+
+
+def test_one_entry_point_turns_any_volume_input_into_visual_tokens(tgis):
+    model, processor = tgis
+    batch = processor(QUESTIONS, volumes=volumes(2), padding_side="left")
+    q = {k: batch[k] for k in ("question_input_ids", "question_attention_mask")}
+    with torch.no_grad():
+        encoding = model.encode_volume(batch["pixel_values"])
+        from_pixels = model.get_image_features(batch["pixel_values"], **q)
+        from_cache = model.get_image_features(volume_encoding=encoding, **q)
+        expected = model.visual_tokens(encoding, *q.values())
+        for got in (from_pixels, from_cache):
+            assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
+        full = model(**batch)
+        embeds = model(**{k: v for k, v in batch.items() if k != "pixel_values"}, image_embeds=expected[0])
+    assert torch.allclose(full.logits, embeds.logits, atol=1e-6)
+
+
+def test_conflicting_volume_inputs_are_refused(tgis):
+    model, processor = tgis
+    batch = processor(QUESTIONS, volumes=volumes(2), padding_side="left")
+    with torch.no_grad():
+        encoding = model.encode_volume(batch["pixel_values"])
+        embeds, _ = model.get_image_features(
+            volume_encoding=encoding, question_input_ids=batch["question_input_ids"]
+        )
+        with pytest.raises(InputError, match="exactly one of pixel_values or volume_encoding"):
+            model.get_image_features(batch["pixel_values"], encoding)
+        with pytest.raises(InputError, match="exactly one of pixel_values or volume_encoding"):
+            model(**batch, volume_encoding=encoding)
+        with pytest.raises(InputError, match="image_embeds together with pixel_values"):
+            model(**batch, image_embeds=embeds)
+        with pytest.raises(InputError, match="image_embeds together with volume_encoding"):
+            model.generate(
+                input_ids=batch["input_ids"], volume_encoding=encoding, image_embeds=embeds, max_new_tokens=1
+            )
+        inputs_embeds = model.get_input_embeddings()(batch["input_ids"])
+        with pytest.raises(InputError, match="image_embeds need input_ids"):
+            model(inputs_embeds=inputs_embeds, attention_mask=batch["attention_mask"], image_embeds=embeds)

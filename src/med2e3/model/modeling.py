@@ -189,6 +189,51 @@ class Med2E3ForConditionalGeneration(Med2E3PreTrainedModel, GenerationMixin):
             scores = self.tgis(v3, v2, self.encode_question(question_input_ids, question_attention_mask))
         return torch.cat([v3, aggregate_slices(scores, v2)], dim=1), scores  # B x (N3 + N2) x Dl
 
+    def get_image_features(
+        self,
+        pixel_values: torch.Tensor | None = None,
+        volume_encoding: VolumeEncoding | None = None,
+        question_input_ids: torch.Tensor | None = None,
+        question_attention_mask: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The one way from a volume to the LLM: (B x T x Dl visual tokens, B x S slice scores or None).
+
+        The volume comes as ``pixel_values`` (encoded here) or as a cached ``volume_encoding``
+        (`encode_volume`), never both.
+        """
+        if (pixel_values is None) == (volume_encoding is None):
+            raise InputError("give the volume as exactly one of pixel_values or volume_encoding")
+        if volume_encoding is None:
+            volume_encoding = self.encode_volume(pixel_values)
+        return self.visual_tokens(volume_encoding, question_input_ids, question_attention_mask)
+
+    def _volume_inputs(
+        self,
+        input_ids: torch.Tensor | None,
+        pixel_values: torch.Tensor | None,
+        volume_encoding: VolumeEncoding | None,
+        image_embeds: torch.Tensor | None,
+        question_input_ids: torch.Tensor | None,
+        question_attention_mask: torch.Tensor | None,
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(image_embeds, slice_scores) from whichever volume input was given; conflicting inputs raise."""
+        given = [
+            n
+            for n, v in (("pixel_values", pixel_values), ("volume_encoding", volume_encoding))
+            if v is not None
+        ]
+        if image_embeds is not None and given:
+            raise InputError(f"give the volume once: image_embeds together with {' and '.join(given)}")
+        if not given:
+            return image_embeds, None
+        if input_ids is None:
+            raise InputError("a volume needs input_ids, to find its image placeholder")
+        n = (pixel_values if pixel_values is not None else volume_encoding.tokens3d).shape[0]
+        self._image_mask(input_ids, n)  # fail before the encoders run
+        return self.get_image_features(
+            pixel_values, volume_encoding, question_input_ids, question_attention_mask
+        )
+
     # ---- merge ------------------------------------------------------------------------------------
     def _image_mask(self, input_ids: torch.Tensor, n_volumes: int) -> torch.Tensor:
         """Positions of the image tokens; checks each row holds exactly one expanded placeholder."""
@@ -239,15 +284,16 @@ class Med2E3ForConditionalGeneration(Med2E3PreTrainedModel, GenerationMixin):
         """
         if (input_ids is None) == (inputs_embeds is None):
             raise InputError("give exactly one of input_ids or inputs_embeds")
-        if input_ids is None and (pixel_values is not None or volume_encoding is not None):
-            raise InputError("a volume needs input_ids, to find its image placeholder")
-        if image_embeds is None and (pixel_values is not None or volume_encoding is not None):
-            n = (pixel_values if pixel_values is not None else volume_encoding.tokens3d).shape[0]
-            self._image_mask(input_ids, n)  # fail before the encoders run
-            if volume_encoding is None:
-                volume_encoding = self.encode_volume(pixel_values)
-            image_embeds, slice_scores = self.visual_tokens(
-                volume_encoding, question_input_ids, question_attention_mask
+        if image_embeds is not None and input_ids is None:
+            raise InputError("image_embeds need input_ids, to find the image placeholder")
+        if pixel_values is not None or volume_encoding is not None:
+            image_embeds, slice_scores = self._volume_inputs(
+                input_ids,
+                pixel_values,
+                volume_encoding,
+                image_embeds,
+                question_input_ids,
+                question_attention_mask,
             )
         if inputs_embeds is None:
             # skipped under torch.compile (decode steps): a static cache's length is a tensor, and the check
@@ -311,15 +357,15 @@ class Med2E3ForConditionalGeneration(Med2E3PreTrainedModel, GenerationMixin):
         With ``return_dict_in_generate=True`` the output carries ``slice_scores`` (B x S, or None).
         The image token is never generated.
         """
-        slice_scores = None
-        if pixel_values is not None or volume_encoding is not None:
-            n = (pixel_values if pixel_values is not None else volume_encoding.tokens3d).shape[0]
-            self._image_mask(input_ids, n)
-            if volume_encoding is None:
-                volume_encoding = self.encode_volume(pixel_values)
-            kwargs["image_embeds"], slice_scores = self.visual_tokens(
-                volume_encoding, question_input_ids, question_attention_mask
-            )
+        kwargs["image_embeds"], scores = self._volume_inputs(
+            input_ids,
+            pixel_values,
+            volume_encoding,
+            kwargs.get("image_embeds"),
+            question_input_ids,
+            question_attention_mask,
+        )
+        slice_scores = scores if scores is not None else kwargs.get("slice_scores")
         suppress = list(kwargs.pop("suppress_tokens", None) or [])
         kwargs["suppress_tokens"] = [*suppress, self.config.image_token_id]
         out = super().generate(input_ids=input_ids, **kwargs)
