@@ -31,8 +31,9 @@ from med2e3.model.vit3d import ViT3D
 
 TrainingStage = Literal["pretrain", "finetune"]
 
-# Parts trainable in each stage of the release's recipe (med2e3-reference.md, section 6). The BERT question
-# encoder belongs to M3D-CLIP, i.e. to the frozen 3D side; the TG-IS text projection is trained.
+# Parts trainable in each stage of the release's training scripts (Shi et al., arXiv 2411.12783): stage 1 the
+# connectors; stage 2 also the LLM and the 2D encoder, the 3D encoder staying frozen. The BERT question encoder
+# belongs to M3D-CLIP, i.e. to the frozen 3D side; the TG-IS text projection is trained.
 STAGE_TRAINABLE: dict[str, tuple[str, ...]] = {
     "pretrain": ("projector3d", "projector2d", "tgis"),
     "finetune": ("projector3d", "projector2d", "tgis", "vision2d", "language_model"),

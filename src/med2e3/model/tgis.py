@@ -1,6 +1,6 @@
 """Connectors and the Text-Guided Inter-Slice (TG-IS) scoring module.
 
-Notation (med2e3-reference.md, section 3): V3 = 3D connector output (B x N3 x Dl, depth-major:
+Notation (the TG-IS module of Shi et al., arXiv 2411.12783, as the authors' release computes it): V3 = 3D connector output (B x N3 x Dl, depth-major:
 G depth groups x P in-plane tokens), V2 = 2D connector output (B x S x N2 x Dl), t = projected
 question feature (B x Dl).
 """
