@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -160,8 +161,11 @@ def test_torchrun_two_processes_on_cpu(tmp_path, tiny_dataset):
     cfg = write_config(tmp_path / "ddp.yaml", **fields)
     torchrun = Path(sys.executable).parent / "torchrun"
     env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "OMP_NUM_THREADS": "1"}
+    with socket.socket() as probe:  # a free port: two test runs at once must not collide
+        probe.bind(("127.0.0.1", 0))
+        port = str(probe.getsockname()[1])
     result = subprocess.run(
-        [str(torchrun), "--nproc_per_node", "2", "--master_port", "29517", "-m", "med2e3.training", str(cfg)],
+        [str(torchrun), "--nproc_per_node", "2", "--master_port", port, "-m", "med2e3.training", str(cfg)],
         env=env,
         capture_output=True,
         timeout=300,
