@@ -9,6 +9,9 @@ operating system's file cache stays warm after the first run, as it is for a use
 * ``import``: ``import med2e3.inference`` alone, and ``import monai`` for reference (what asking no
   longer pays).
 
+Each record has wall-clock milliseconds and, under ``cpu``, the child's CPU time (user + system): on a
+machine shared with other jobs the wall clock includes waiting for a core, the CPU time much less so.
+
 Without ``--model`` a random-weight model of the demo's preset (``tiny``) is written to a temporary
 folder; without ``--volume`` a synthetic CT NIfTI of the demo's shape (32 x 96 x 96). Run from the
 repository root::
@@ -21,11 +24,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import nibabel as nib
 import numpy as np
@@ -52,11 +58,30 @@ print(json.dumps({n: b - a for n, a, b in zip(names, t, t[1:])}))
 """
 
 
-def child(args: list[str]) -> tuple[float, str]:
-    """Wall seconds and stdout of a fresh Python process running ``args``."""
+@dataclass
+class Run:
+    """One child process: wall seconds, CPU seconds (user + system), stdout."""
+
+    wall: float
+    cpu: float
+    stdout: str
+
+
+def child(args: list[str]) -> Run:
+    """Run ``args`` in a fresh Python process (one at a time, so the children's CPU time is this one's)."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
     done = subprocess.run([sys.executable, *args], capture_output=True, text=True, check=True)
-    return time.perf_counter() - start, done.stdout
+    wall = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime
+    return Run(wall, cpu, done.stdout)
+
+
+def timings(runs: list[Run]) -> dict[str, Any]:
+    """Wall-clock stats, and CPU-time stats (on a busy machine, closer to what an idle one's wall clock shows)."""
+    cpu = summarize([r.cpu for r in runs])
+    return {**summarize([r.wall for r in runs]), "cpu": cpu}
 
 
 def write_demo_model(folder: Path) -> Path:
@@ -81,14 +106,15 @@ def run(model: Path, volume: Path, repeats: int, new_tokens: int, sink: Sink) ->
     ask = ["-m", "med2e3.cli", "ask", str(volume), question, "--model", str(model)]
     ask += ["--device", "cpu", "--max-new-tokens", str(new_tokens)]
     child(ask)  # warms the file cache, as a user's earlier command would
-    sink.emit("ask", **summarize([child(ask)[0] for _ in range(repeats)]))
+    sink.emit("ask", **timings([child(ask) for _ in range(repeats)]))
     phase_args = ["-c", PHASES, str(model), str(volume), question, str(new_tokens)]
-    phases = [json.loads(child(phase_args)[1]) for _ in range(repeats)]
+    phases = [json.loads(child(phase_args).stdout) for _ in range(repeats)]
     for name in phases[0]:
         sink.emit("phase", phase=name.removesuffix("_s"), **summarize([p[name] for p in phases]))
     for module in ("med2e3.inference", "monai"):
-        times = [child(["-c", f"import {module}"])[0] for _ in range(repeats)]
-        sink.emit("import", module=module, **summarize(times))
+        sink.emit(
+            "import", module=module, **timings([child(["-c", f"import {module}"]) for _ in range(repeats)])
+        )
 
 
 def main(argv: list[str] | None = None) -> None:

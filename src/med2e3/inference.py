@@ -442,11 +442,11 @@ class Med2E3Predictor:
         with out_path.open("a", encoding="utf-8") as out, ThreadPoolExecutor(max_workers=1) as reader:
             ahead = reader.submit(self._prepare, volumes[0]) if volumes else None
             for i, volume in enumerate(volumes):
-                prepared = ahead
+                pending = ahead
                 ahead = reader.submit(self._prepare, volumes[i + 1]) if i + 1 < len(volumes) else None
                 group = by_volume[volume]
                 try:
-                    self._encode(*prepared.result())
+                    self._encode(*pending.result())
                 except Med2E3Error as err:
                     chunks = [[_failure(row, volume, err) for row in group]]
                 else:
