@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import re
+import shutil
 from pathlib import Path
 
 import nibabel as nib
@@ -106,6 +108,60 @@ def test_bad_input_prints_one_line_and_exits_2(args, message, model_dir, volume,
     assert not (tmp_path / "o.jsonl").exists()
 
 
+def broken_model(model_dir: Path, folder: Path, problem: str) -> Path:
+    shutil.copytree(model_dir, folder)
+    if problem == "truncated weights":
+        weights = folder / "model.safetensors"
+        weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    else:
+        for name in ("tokenizer.json", "tokenizer_config.json"):
+            (folder / name).unlink()
+    return folder
+
+
+@pytest.mark.parametrize(
+    ("case", "message"),
+    [
+        ("csv not utf-8", r"q.csv: not UTF-8 text \(byte 0xff at offset 25\)"),
+        ("csv empty", "q.csv: no rows"),
+        ("truncated weights", "model.safetensors: truncated or corrupt weights file"),
+        ("no tokenizer", "broken: no tokenizer files"),
+    ],
+)
+def test_broken_files_print_one_line_naming_the_file(case, message, model_dir, volume, tmp_path, capsys):
+    rows = tmp_path / "q.csv"
+    rows.write_text(f"volume,question\n{volume},Which organ?\n")
+    model = model_dir
+    if case == "csv not utf-8":
+        rows.write_bytes(b"volume,question\nscan.npy,\xff\n")
+    elif case == "csv empty":
+        rows.write_bytes(b"")
+    else:
+        model = broken_model(model_dir, tmp_path / "broken", case)
+    assert main(["batch", str(rows), "--model", str(model), "--out", str(tmp_path / "o.jsonl")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("med2e3: error:")
+    assert re.search(message, err[0]), err[0]
+    if case in ("truncated weights", "no tokenizer"):
+        assert main(["ask", str(volume), "Which organ?", "--model", str(model)]) == 2
+        assert len(capsys.readouterr().err.strip().splitlines()) == 1
+
+
+def test_batch_goes_on_after_a_bad_volume_and_exits_1(model_dir, volume, tmp_path, capsys):
+    rows = tmp_path / "q.csv"
+    rows.write_text(f"volume,question\nmissing.nii.gz,Which organ?\n{volume},Which organ?\n")
+    out = tmp_path / "answers.jsonl"
+    argv = ["batch", str(rows), "--model", str(model_dir), "--out", str(out), "--max-new-tokens", "3"]
+    assert main(argv) == 1
+    captured = capsys.readouterr()
+    assert "1 answers written" in captured.out and "1 of 2 rows failed" in captured.out
+    lines = [json.loads(x) for x in out.read_text().splitlines()]
+    assert "missing.nii.gz" in lines[0]["error"] and "answer" in lines[1]
+    assert main(argv) == 1  # the failed row is tried again, the answered one is not
+    assert "0 answers written" in capsys.readouterr().out
+    assert len(out.read_text().splitlines()) == 2
+
+
 def test_batch_writes_jsonl(model_dir, volume, tmp_path, capsys):
     rows = tmp_path / "q.csv"
     rows.write_text(f"volume,question\n{volume},Where is the lesion?\n{volume},Which phase?\n")
@@ -113,7 +169,9 @@ def test_batch_writes_jsonl(model_dir, volume, tmp_path, capsys):
     assert (
         main(["batch", str(rows), "--model", str(model_dir), "--out", str(out), "--max-new-tokens", "3"]) == 0
     )
-    assert [json.loads(x)["id"] for x in out.read_text().splitlines()] == ["1", "2"]
+    lines = [json.loads(x) for x in out.read_text().splitlines()]
+    assert [x["question"] for x in lines] == ["Where is the lesion?", "Which phase?"]
+    assert len({x["id"] for x in lines}) == 2
 
 
 def _series(folder: Path, n: int = 5) -> list[Path]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import warnings
 from pathlib import Path
 
@@ -15,7 +16,7 @@ from PIL import Image
 from med2e3 import Med2E3Config, Med2E3ForConditionalGeneration, Med2E3Processor
 from med2e3.data.io import VolumeWarning
 from med2e3.errors import ConfigError, DatasetError, InputError, VolumeError
-from med2e3.inference import Med2E3Predictor, completed_ids, read_batch_input
+from med2e3.inference import BatchResult, Med2E3Predictor, completed_ids, read_batch_input
 from med2e3.viz import plot_slice_scores
 
 QUESTIONS = ["Which organ has a lesion?", "In which plane is this image?", "What is in the left kidney?"]
@@ -133,18 +134,89 @@ def test_batch_mode_resumes_without_losing_lines(predictor, volume_path, tmp_pat
     )
     rows = read_batch_input(rows_file)
     out = tmp_path / "answers.jsonl"
-    assert predictor.run_batch(rows[:2], out, max_new_tokens=4, progress=False) == 2
+    assert predictor.run_batch(rows[:2], out, max_new_tokens=4, progress=False) == BatchResult(2, 0, 0)
     with out.open("a") as f:  # a crash mid-line
         f.write('{"id": "q2", "answ')
     assert completed_ids(out) == {"q0", "q1"}
-    assert predictor.run_batch(rows, out, max_new_tokens=4, progress=False) == 1
+    assert predictor.run_batch(rows, out, max_new_tokens=4, progress=False) == BatchResult(1, 0, 2)
     lines = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["id"] for r in lines] == ["q0", "q1", "q2"]
     assert all(len(r["slice_scores"]) == 32 for r in lines)
-    assert predictor.run_batch(rows, out, max_new_tokens=4, progress=False) == 0
+    assert predictor.run_batch(rows, out, max_new_tokens=4, progress=False) == BatchResult(0, 0, 3)
     (tmp_path / "bad.jsonl").write_text('{"volume": "x.npy"}\n')
     with pytest.raises(DatasetError, match="row 1"):
         read_batch_input(tmp_path / "bad.jsonl")
+
+
+def test_batch_records_a_bad_volume_and_goes_on(predictor, volume_path, tmp_path):
+    broken = tmp_path / "broken.nii.gz"
+    broken.write_bytes(b"not a NIfTI file")
+    rows = [
+        {"id": "a", "volume": str(volume_path), "question": QUESTIONS[0]},
+        {"id": "b", "volume": str(broken), "question": QUESTIONS[0]},
+        {"id": "c", "volume": str(volume_path), "question": "   "},  # unusable question, same chunk as "a"
+        {"id": "d", "volume": str(volume_path), "question": QUESTIONS[1]},
+    ]
+    out = tmp_path / "answers.jsonl"
+    assert predictor.run_batch(rows, out, max_new_tokens=3, progress=False) == BatchResult(2, 2, 0)
+    lines = {r["id"]: r for r in map(json.loads, out.read_text().splitlines())}
+    assert set(lines) == {"a", "b", "c", "d"}
+    assert "broken.nii.gz" in lines["b"]["error"] and "answer" not in lines["b"]
+    assert "empty" in lines["c"]["error"] and lines["c"]["question"] == "   "
+    alone = predictor.ask(QUESTIONS[0], max_new_tokens=3).answer
+    assert lines["a"]["answer"] == alone  # the unusable question in its chunk did not spoil it
+    # a rerun tries the failed rows again, replacing their lines instead of adding to them
+    assert predictor.run_batch(rows, out, max_new_tokens=3, progress=False) == BatchResult(0, 2, 2)
+    shutil.copy(volume_path, broken.with_name("fixed.npy"))
+    rows[1]["volume"] = str(broken.with_name("fixed.npy"))
+    assert predictor.run_batch(rows, out, max_new_tokens=3, progress=False) == BatchResult(1, 1, 2)
+    ids = [json.loads(line)["id"] for line in out.read_text().splitlines()]
+    assert sorted(ids) == ["a", "b", "c", "d"]
+    assert completed_ids(out) == {"a", "b", "d"}
+
+
+def test_batch_without_ids_resumes_by_volume_and_question(predictor, volume_path, tmp_path):
+    table = tmp_path / "q.csv"
+    table.write_text(f"volume,question\n{volume_path},{QUESTIONS[0]}\n{volume_path},{QUESTIONS[1]}\n")
+    out = tmp_path / "answers.jsonl"
+    assert predictor.run_batch(read_batch_input(table), out, max_new_tokens=3, progress=False).answered == 2
+    first = out.read_text()
+    # a row inserted at the top: only it is answered, each question once
+    table.write_text(f"volume,question\n{volume_path},{QUESTIONS[2]}\n" + table.read_text().split("\n", 1)[1])
+    result = predictor.run_batch(read_batch_input(table), out, max_new_tokens=3, progress=False)
+    assert result == BatchResult(1, 0, 2)
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    assert out.read_text().startswith(first)
+    assert sorted(r["question"] for r in lines) == sorted(QUESTIONS)
+    assert len({r["id"] for r in lines}) == 3
+    table.write_text(table.read_text() + f"{volume_path},{QUESTIONS[0]}\n")
+    with pytest.raises(DatasetError, match="row 4.*same volume and question as row 2"):
+        read_batch_input(table)
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (
+            b"volume,question\nscan.npy,Is the liver \xe9nlarged?\n",
+            r"not UTF-8 text \(byte 0xe9 at offset 38\)",
+        ),
+        (b"", "no rows"),
+        (b"volume,question\n", "no rows"),
+        (b"volume,question,id\na.npy,q,1\nb.npy,r,1\n", "row 2.*also the id of row 1"),
+    ],
+)
+def test_batch_input_problems_name_the_file(tmp_path, content, message):
+    table = tmp_path / "rows.csv"
+    table.write_bytes(content)
+    with pytest.raises(DatasetError, match=f"rows.csv.*{message}"):
+        read_batch_input(table)
+
+
+def test_batch_input_accepts_a_byte_order_mark(tmp_path):
+    table = tmp_path / "rows.csv"
+    table.write_bytes("\ufeffvolume,question\nscan.npy,Is the liver enlarged?\n".encode())
+    assert read_batch_input(table)[0]["question"] == "Is the liver enlarged?"
 
 
 def test_figure_is_a_sensible_png(predictor, volume_path, tmp_path):

@@ -9,6 +9,7 @@ BERT with pooler, contrastive projections), and the two connector ``pytorch_mode
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import shutil
@@ -16,6 +17,7 @@ from importlib import resources
 from pathlib import Path
 
 import pytest
+import sentencepiece as spm
 import torch
 import torch.nn.functional as F
 from monai.networks.nets import ViT
@@ -504,6 +506,47 @@ def test_release_without_tokenizer_files(release_copy):
         release_copy, tokenizer=tokenizer, question_tokenizer=build_question_tokenizer(QUESTION_VOCAB)
     )
     assert processor is not None and model.config.image_token_id == len(tokenizer) - 1 == 300
+
+
+def write_sentencepiece_tokenizer(folder: Path, vocab_size: int = 120) -> None:
+    """A Phi-3-style tokenizer folder as the release saves it: ``tokenizer.model`` only, no ``tokenizer.json``."""
+    corpus = resources.files("med2e3").joinpath("assets/corpus.txt").read_text(encoding="utf-8")
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(corpus.splitlines()),
+        model_writer=model,
+        vocab_size=vocab_size,
+        model_type="bpe",
+        character_coverage=0.99,
+        minloglevel=2,
+    )
+    (folder / "tokenizer.model").write_bytes(model.getvalue())
+    end = {"content": "<|endoftext|>", "special": True, "normalized": False}
+    end |= {"lstrip": False, "rstrip": False, "single_word": False}
+    config = {
+        "tokenizer_class": "LlamaTokenizer",
+        "added_tokens_decoder": {str(vocab_size): end},  # as in Phi-3's tokenizer_config.json
+        "unk_token": "<unk>",
+        "bos_token": "<s>",
+        "eos_token": "<|endoftext|>",
+        "pad_token": "<|endoftext|>",
+    }
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+
+
+def test_sentencepiece_only_tokenizer_loads(release_copy):
+    """The release's Phi-3 tokenizer is SentencePiece only; converting it needs protobuf (a dependency)."""
+    for path in [*release_copy.glob("tokenizer*"), *release_copy.glob("special_tokens_map.json")]:
+        path.unlink()
+    write_sentencepiece_tokenizer(release_copy)
+    assert not (release_copy / "tokenizer.json").exists()
+    model, processor = load_release(release_copy)
+    assert processor is not None
+    tokenizer = processor.tokenizer
+    assert model.config.image_token_id == tokenizer.convert_tokens_to_ids("<image3d>") == 121
+    assert tokenizer.pad_token_id == tokenizer.eos_token_id == 120
+    ids = tokenizer("Which organ has a lesion?", add_special_tokens=False)["input_ids"]
+    assert tokenizer.decode(ids) == "Which organ has a lesion?"
 
 
 def test_no_free_row_for_the_image_token():

@@ -17,6 +17,7 @@ from med2e3.evaluation.runner import register as register_eval
 from med2e3.server import register as register_server
 
 EXIT_USAGE = 2
+EXIT_ROWS_FAILED = 1  # batch: the run finished, but some rows have an error instead of an answer
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -98,8 +99,17 @@ def _batch(args: argparse.Namespace) -> int:
     from med2e3.inference import read_batch_input
 
     rows = read_batch_input(args.input)
-    n = _predictor(args).run_batch(rows, args.out, max_new_tokens=args.max_new_tokens)
-    print(f"{n} answers written to {args.out} ({len(rows) - n} were already there)")
+    result = _predictor(args).run_batch(rows, args.out, max_new_tokens=args.max_new_tokens)
+    print(
+        f"{result.answered} answers written to {args.out} ({result.already_done} were already there); "
+        f"{result.failed} of {len(rows)} rows failed"
+    )
+    if result.failed:
+        print(
+            f"med2e3: {result.failed} rows failed; each has its 'error' in {args.out} and is tried again on a rerun",
+            file=sys.stderr,
+        )
+        return EXIT_ROWS_FAILED
     return 0
 
 
@@ -220,7 +230,9 @@ def build_parser() -> argparse.ArgumentParser:
         sub,
         "batch",
         "answer a CSV/JSONL of (volume, question) rows into a JSONL, resumably",
-        "med2e3 batch questions.csv --model runs/demo/finetune --out answers.jsonl",
+        "med2e3 batch questions.csv --model runs/demo/finetune --out answers.jsonl\n"
+        "A row whose volume or question cannot be used gets a line with its 'error' and the run goes on;\n"
+        "the exit status is then 1. Rows without an id are matched by volume and question on a rerun.",
         _batch,
     )
     p.add_argument("input", help="CSV or JSONL with volume, question[, id, prompt]; paths relative to it")

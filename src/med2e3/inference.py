@@ -7,6 +7,8 @@ once; each question then runs only the question encoder, TG-IS and the LLM.
 from __future__ import annotations
 
 import csv
+import hashlib
+import io
 import json
 import logging
 import os
@@ -21,6 +23,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors import SafetensorError, safe_open
 from tqdm.auto import tqdm
 from transformers import TextIteratorStreamer
 from transformers.utils import logging as hf_logging
@@ -37,9 +40,10 @@ from med2e3.data.io import (
     from_array,
     load_volume,
 )
-from med2e3.data.processor import Med2E3Processor, check_orientation, check_window
+from med2e3.data.processor import Med2E3Processor, check_orientation, check_tokenizer_folder, check_window
 from med2e3.data.transforms import prepare_volume, source_slice_ranges
-from med2e3.errors import ConfigError, DatasetError, InputError
+from med2e3.errors import ConfigError, DatasetError, InputError, Med2E3Error
+from med2e3.files import write_atomic
 from med2e3.model import Med2E3ForConditionalGeneration, VolumeEncoding
 
 logger = logging.getLogger(__name__)
@@ -95,8 +99,16 @@ def check_model_folder(path: str | Path) -> Path:
         raise ConfigError(f"{config}: not valid JSON") from None
     if model_type != "med2e3":
         raise ConfigError(f"{path}: not a med2e3 model (config.json says model_type={model_type!r})")
-    if not any(path.glob("*.safetensors")):
+    weights = sorted(path.glob("*.safetensors"))
+    if not weights:
         raise ConfigError(f"{path}: no weights (*.safetensors)")
+    for file in weights:
+        try:
+            with safe_open(file, "pt"):  # reads and checks the header against the file's size
+                pass
+        except SafetensorError as err:
+            raise ConfigError(f"{file}: truncated or corrupt weights file ({err})") from None
+    check_tokenizer_folder(path)
     return path
 
 
@@ -407,13 +419,15 @@ class Med2E3Predictor:
         max_new_tokens: int = 64,
         progress: bool = True,
         chunk_size: int = 16,
-    ) -> int:
+    ) -> BatchResult:
         """Answer (volume, question) rows into a JSONL, one line per row, resuming an interrupted run.
 
-        Rows need ``volume`` and ``question`` (optional ``id``, ``prompt``); rows are grouped by volume so
-        each volume is encoded once, its questions are answered ``chunk_size`` at a time in one batched
-        generation, and the next volume is read and preprocessed while the current one is answered. Lines
-        already in ``out_path`` are kept and their ids skipped. Returns the number of rows answered now.
+        Rows need ``id``, ``volume`` and ``question`` (optional ``prompt``; `read_batch_input` gives such
+        rows); rows are grouped by volume so each volume is encoded once, its questions are answered
+        ``chunk_size`` at a time in one batched generation, and the next volume is read and preprocessed
+        while the current one is answered. A row whose volume or question is unusable gets a line with its
+        ``error`` instead of an answer, and the run goes on. Answered lines already in ``out_path`` are kept
+        and their ids skipped; failed ones are tried again.
         """
         out_path = Path(out_path)
         done = completed_ids(out_path)
@@ -422,29 +436,71 @@ class Med2E3Predictor:
         for row in todo:
             by_volume.setdefault(row["volume"], []).append(row)
         volumes = list(by_volume)
+        result = BatchResult(answered=0, failed=0, already_done=len(rows) - len(todo))
         out_path.parent.mkdir(parents=True, exist_ok=True)
         bar = tqdm(total=len(todo), disable=not progress, desc="answering", unit="q")
         with out_path.open("a", encoding="utf-8") as out, ThreadPoolExecutor(max_workers=1) as reader:
             ahead = reader.submit(self._prepare, volumes[0]) if volumes else None
             for i, volume in enumerate(volumes):
-                prepared = ahead.result()
+                pending = ahead
                 ahead = reader.submit(self._prepare, volumes[i + 1]) if i + 1 < len(volumes) else None
-                self._encode(*prepared)
                 group = by_volume[volume]
-                for start in range(0, len(group), chunk_size):
-                    chunk = group[start : start + chunk_size]
-                    answers = self.ask_many(
-                        [r["question"] for r in chunk],
-                        [r.get("prompt") or r["question"] for r in chunk],
-                        max_new_tokens=max_new_tokens,
+                try:
+                    self._encode(*pending.result())
+                except Med2E3Error as err:
+                    chunks = [[_failure(row, volume, err) for row in group]]
+                else:
+                    chunks = (
+                        self._answer_rows(group[start : start + chunk_size], volume, max_new_tokens)
+                        for start in range(0, len(group), chunk_size)
                     )
-                    for row, answer in zip(chunk, answers, strict=True):
-                        out.write(json.dumps({"id": row["id"], "volume": volume, **answer.to_dict()}) + "\n")
-                    out.flush()
-                    os.fsync(out.fileno())
-                    bar.update(len(chunk))
+                for records in chunks:
+                    _append_lines(out, records)
+                    result.count(records)
+                    bar.update(len(records))
         bar.close()
-        return len(todo)
+        return result
+
+    def _answer_rows(
+        self, rows: list[dict[str, str]], volume: str, max_new_tokens: int
+    ) -> list[dict[str, Any]]:
+        """Output records of ``rows`` about the loaded volume; a question that fails is recorded with its error."""
+        try:
+            answers = self.ask_many(
+                [r["question"] for r in rows],
+                [r.get("prompt") or r["question"] for r in rows],
+                max_new_tokens=max_new_tokens,
+            )
+        except Med2E3Error as err:
+            if len(rows) == 1:
+                return [_failure(rows[0], volume, err)]
+            return [record for row in rows for record in self._answer_rows([row], volume, max_new_tokens)]
+        return [{"id": r["id"], "volume": volume, **a.to_dict()} for r, a in zip(rows, answers, strict=True)]
+
+
+@dataclass
+class BatchResult:
+    """What one `Med2E3Predictor.run_batch` call did, in rows."""
+
+    answered: int  # answered now
+    failed: int  # recorded now with an error instead of an answer
+    already_done: int  # answered by an earlier run
+
+    def count(self, records: Sequence[dict[str, Any]]) -> None:
+        failed = sum("error" in r for r in records)
+        self.failed += failed
+        self.answered += len(records) - failed
+
+
+def _failure(row: dict[str, str], volume: str, err: Exception) -> dict[str, Any]:
+    return {"id": row["id"], "volume": volume, "question": row["question"], "error": str(err)}
+
+
+def _append_lines(out: Any, records: Sequence[dict[str, Any]]) -> None:
+    """Append one JSON line per record and flush them to disk (a crash loses at most a torn last line)."""
+    out.write("".join(json.dumps(r) + "\n" for r in records))
+    out.flush()
+    os.fsync(out.fileno())
 
 
 def completed_ids(path: Path) -> set[str]:
@@ -452,65 +508,93 @@ def completed_ids(path: Path) -> set[str]:
 
     Only what an interrupted write leaves, a last line with no newline that does not parse, is cut off;
     any other line that is not a JSON object with a string ``id`` raises DatasetError naming the file
-    and line, and the file is left as it is. A last line without its newline gets one, so appends stay
-    on lines of their own.
+    and line, and the file is left as it is. The lines of rows that failed (they have an ``error``) are
+    removed, so that those rows are tried again. A last line without its newline gets one, so appends
+    stay on lines of their own. The file is rewritten atomically when anything changes.
     """
     if not path.is_file():
         return set()
     ids: set[str] = set()
     data = path.read_bytes()
     lines = data.splitlines(keepends=True)
+    kept: list[bytes] = []
     for number, raw in enumerate(lines, start=1):
-        row_id = _answer_id(raw)
-        if row_id is not None:
-            ids.add(row_id)
-        elif number == len(lines) and not raw.endswith(b"\n"):  # torn by a crash mid-write
-            with path.open("r+b") as f:
-                f.truncate(len(data) - len(raw))
-            return ids
-        elif raw.strip():
+        row = _answer_line(raw)
+        if row is None and number == len(lines) and not raw.endswith(b"\n"):  # torn by a crash mid-write
+            break
+        if row is None and raw.strip():
             raise DatasetError(
                 path, "not an answer line (a JSON object with a string 'id'); fix or remove it", row=number
             )
-    if data and not data.endswith(b"\n"):
-        with path.open("ab") as f:
-            f.write(b"\n")
+        if row is not None and "error" in row:
+            continue
+        if row is not None:
+            ids.add(row["id"])
+        kept.append(raw if raw.endswith(b"\n") else raw + b"\n")
+    if b"".join(kept) != data:
+        write_atomic(path, b"".join(kept))
     return ids
 
 
-def _answer_id(raw: bytes) -> str | None:
-    """The ``id`` of one output line, None when the line is not a JSON object with a string id."""
+def _answer_line(raw: bytes) -> dict[str, Any] | None:
+    """One output line as a dict, None when it is not a JSON object with a string ``id``."""
     try:
         row = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError):
         return None
-    return row["id"] if isinstance(row, dict) and isinstance(row.get("id"), str) else None
+    return row if isinstance(row, dict) and isinstance(row.get("id"), str) else None
+
+
+def content_id(volume: str, question: str) -> str:
+    """The id of a batch row that has none: from its volume (as written) and question, not its position."""
+    return hashlib.sha256(f"{volume}\n{question}".encode()).hexdigest()[:16]
+
+
+def _read_rows(path: Path) -> list[Any]:
+    try:
+        text = path.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        byte = err.object[err.start]
+        raise DatasetError(path, f"not UTF-8 text (byte 0x{byte:02x} at offset {err.start})") from None
+    if path.suffix == ".csv":
+        return list(csv.DictReader(io.StringIO(text, newline="")))
+    rows = []
+    for n, line in enumerate(text.splitlines(), start=1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as err:
+                raise DatasetError(path, f"not valid JSON ({err.msg})", row=n) from None
+    return rows
 
 
 def read_batch_input(path: str | Path) -> list[dict[str, str]]:
-    """Rows of a CSV (columns volume, question[, id, prompt]) or JSONL (same keys); volumes relative to the file."""
+    """Rows of a CSV (columns volume, question[, id, prompt]) or JSONL (same keys); volumes relative to the file.
+
+    A row without an id gets `content_id` of its volume and question, so that resuming does not depend
+    on the order of the rows.
+    """
     path = Path(path)
     if not path.is_file():
         raise DatasetError(path, "no such file")
-    if path.suffix == ".csv":
-        with path.open(newline="", encoding="utf-8") as f:
-            raw_rows = list(csv.DictReader(f))
-    else:
-        raw_rows = []
-        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-            if line.strip():
-                try:
-                    raw_rows.append(json.loads(line))
-                except json.JSONDecodeError as err:
-                    raise DatasetError(path, f"not valid JSON ({err.msg})", row=n) from None
-    rows = []
+    raw_rows = _read_rows(path)
+    if not raw_rows:
+        raise DatasetError(path, "no rows (expected columns volume, question[, id, prompt])")
+    rows: list[dict[str, str]] = []
+    first_row: dict[str, int] = {}
     for n, raw in enumerate(raw_rows, start=1):
         if not isinstance(raw, dict) or not raw.get("volume") or not raw.get("question"):
             raise DatasetError(path, "each row needs 'volume' and 'question'", row=n)
+        row_id = str(raw.get("id") or content_id(raw["volume"], raw["question"]))
+        if row_id in first_row:
+            reason = (
+                f"id {row_id!r} is also the id of row {first_row[row_id]}"
+                if raw.get("id")
+                else f"same volume and question as row {first_row[row_id]}; add an id column to tell them apart"
+            )
+            raise DatasetError(path, reason, row=n)
+        first_row[row_id] = n
         volume = Path(raw["volume"])
         volume = volume if volume.is_absolute() else path.parent / volume
-        rows.append({**raw, "volume": str(volume), "id": str(raw.get("id") or n)})
-    ids = [r["id"] for r in rows]
-    if len(set(ids)) != len(ids):
-        raise DatasetError(path, "row ids are not unique")
+        rows.append({**raw, "volume": str(volume), "id": row_id})
     return rows

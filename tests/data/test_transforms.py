@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
 from monai.transforms import Randomizable, Resized
 
-from med2e3.data.io import from_array
-from med2e3.data.transforms import build_transforms, prepare_volume
+from med2e3.data.io import apply_window, from_array
+from med2e3.data.transforms import KEY, build_transforms, prepare_volume
 
 SIZE = (8, 16, 16)
 
@@ -48,6 +51,42 @@ def test_unit_volume_skips_windowing() -> None:
 def test_empty_image_is_not_cropped_away() -> None:
     out = prepare_volume(from_array(np.zeros((4, 6, 6), np.float32)), SIZE)
     assert out.shape == (1, *SIZE) and float(out.abs().max()) == 0.0
+
+
+def _unit_blob(shape: tuple[int, int, int], seed: int) -> np.ndarray:
+    """[0, 1] noise inside an off-centre box, zeros around it (float64, as a .npy may hold)."""
+    rng = np.random.default_rng(seed)
+    array = np.zeros(shape)
+    d, h, w = shape
+    array[d // 4 : d - 1, 1 : h // 2 + 2, w // 3 :] = rng.uniform(
+        0.01, 1.0, size=array[d // 4 : d - 1, 1 : h // 2 + 2, w // 3 :].shape
+    )
+    return array
+
+
+@pytest.mark.parametrize(
+    ("image", "size"),
+    [
+        (apply_window(_ct(5), "abdomen"), (32, 16, 16)),  # upsampled in depth
+        (apply_window(_ct(50, 40, 36), "lung"), SIZE),  # downsampled
+        (_unit_blob((9, 17, 23), 0), (7, 19, 5)),  # float64, mixed scale factors
+        (_unit_blob((8, 16, 16), 1), SIZE),  # cropped, then resized back up
+        (np.random.default_rng(2).uniform(0.1, 1, size=SIZE), SIZE),  # already the size: no resize
+        (np.zeros((4, 6, 6), np.float32), SIZE),  # no foreground: nothing cropped
+    ],
+)
+def test_eval_equals_the_monai_pipeline(image: np.ndarray, size: tuple[int, int, int]) -> None:
+    """`prepare_volume` runs the eval pipeline without MONAI; it must give MONAI's voxels exactly."""
+    reference = build_transforms(size, train=False)({KEY: image[None]})[KEY]
+    out = prepare_volume(from_array(image, intensity="unit"), size)
+    assert type(out) is torch.Tensor and out.dtype == torch.float32 and out.shape == (1, *size)
+    torch.testing.assert_close(out, reference, rtol=0, atol=0)
+
+
+def test_asking_does_not_import_monai() -> None:
+    code = "import sys, med2e3.inference, med2e3.cli; print('monai' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "False"
 
 
 def test_eval_is_deterministic() -> None:

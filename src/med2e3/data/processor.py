@@ -39,6 +39,8 @@ PROCESSOR_CONFIG = "med2e3_processor.json"
 IGNORE_INDEX = -100
 DEFAULT_WINDOW = "abdomen"
 DEFAULT_ORIENTATION = "axial"
+#: A tokenizer folder holds at least one of these (fast tokenizers, SentencePiece, WordPiece, BPE vocab).
+TOKENIZER_VOCAB_FILES: tuple[str, ...] = ("tokenizer.json", "tokenizer.model", "vocab.txt", "vocab.json")
 
 
 BUNDLED_VOCAB_SIZE = 1024
@@ -111,6 +113,23 @@ def build_question_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
         sep_token="[SEP]",
         mask_token="[MASK]",
     )
+
+
+def check_tokenizer_folder(folder: str | Path) -> Path:
+    """Raise ConfigError naming ``folder`` unless it holds tokenizer files."""
+    folder = Path(folder)
+    if not any((folder / name).is_file() for name in TOKENIZER_VOCAB_FILES):
+        raise ConfigError(f"{folder}: no tokenizer files (none of {', '.join(TOKENIZER_VOCAB_FILES)})")
+    return folder
+
+
+def load_tokenizer(folder: str | Path) -> PreTrainedTokenizerBase:
+    """The tokenizer saved in ``folder``; ConfigError naming the folder when it is missing or unreadable."""
+    folder = check_tokenizer_folder(folder)
+    try:
+        return AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    except Exception as err:  # tokenizer loading fails in many library-specific ways
+        raise ConfigError(f"{folder}: cannot load the tokenizer ({type(err).__name__}: {err})") from err
 
 
 class Med2E3Processor:
@@ -232,8 +251,8 @@ class Med2E3Processor:
                 settings.get("orientation", DEFAULT_ORIENTATION),
             )
         question_dir = directory / QUESTION_TOKENIZER_DIR
-        question_tokenizer = AutoTokenizer.from_pretrained(question_dir) if question_dir.is_dir() else None
-        return cls(AutoTokenizer.from_pretrained(directory), question_tokenizer, **settings)
+        question_tokenizer = load_tokenizer(question_dir) if question_dir.is_dir() else None
+        return cls(load_tokenizer(directory), question_tokenizer, **settings)
 
     # ---- text -------------------------------------------------------------------------------------
     def prompt_length(self, text: str) -> int:

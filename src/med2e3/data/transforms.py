@@ -4,29 +4,51 @@ Eval: crop to the foreground (voxels > 0 of the windowed [0, 1] image) -> trilin
 target (D, H, W) -> clip to [0, 1] -> float32 tensor. Train inserts the random transforms of the
 release and nothing else: in-plane RandRotate90 and a RandFlip per axis before the resize (so the
 output size never changes), RandScaleIntensity and RandShiftIntensity after it.
+
+`prepare_volume` runs the eval pipeline in plain torch (`preprocess_eval`, equal to the MONAI one
+voxel for voxel; tests/data/test_transforms.py checks it), so that asking a question never imports
+MONAI, which costs seconds; the train pipelines import it when they are built.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
-from monai.transforms import (
-    Compose,
-    CropForegroundd,
-    EnsureTyped,
-    MapTransform,
-    RandFlipd,
-    RandRotate90d,
-    RandScaleIntensityd,
-    RandShiftIntensityd,
-    Resized,
-)
+import torch.nn.functional as F
 
 from med2e3.data.io import WINDOWS, Volume, apply_window
 
+if TYPE_CHECKING:
+    from monai.transforms import Compose, MapTransform
+
 KEY = "image"
+
+
+def _check_size(size: tuple[int, int, int]) -> None:
+    if len(size) != 3 or not all(isinstance(s, int) and s > 0 for s in size):
+        raise ValueError(f"size must be three positive integers (D, H, W), got {size!r}")
+
+
+def preprocess_eval(image: np.ndarray | torch.Tensor, size: tuple[int, int, int]) -> torch.Tensor:
+    """The eval pipeline of `build_transforms` on a ``(1, D, H, W)`` image in [0, 1], without MONAI.
+
+    Crop to the bounding box of `_foreground` (CropForegroundd, no margin), resize trilinearly
+    (Resized: ``F.interpolate`` in float32, ``align_corners=False``, skipped when the size already
+    fits), clip to [0, 1].
+    """
+    _check_size(size)
+    image = torch.as_tensor(image, dtype=torch.float32)
+    mask = _foreground(image)[0]
+    box = []
+    for axis in range(3):
+        kept = mask.any(dim=tuple(a for a in range(3) if a != axis)).nonzero()
+        box.append(slice(int(kept[0]), int(kept[-1]) + 1))
+    image = image[(slice(None), *box)]
+    if tuple(image.shape[1:]) != tuple(size):
+        image = F.interpolate(image[None], size=size, mode="trilinear", align_corners=False)[0]
+    return image.contiguous().clip(0.0, 1.0)
 
 
 def build_transforms(size: tuple[int, int, int], train: bool = False) -> Compose:
@@ -38,8 +60,9 @@ def build_transforms(size: tuple[int, int, int], train: bool = False) -> Compose
     Raises:
         ValueError: ``size`` is not three positive integers.
     """
-    if len(size) != 3 or not all(isinstance(s, int) and s > 0 for s in size):
-        raise ValueError(f"size must be three positive integers (D, H, W), got {size!r}")
+    _check_size(size)
+    from monai.transforms import Compose, CropForegroundd, Resized
+
     spatial_aug = _spatial_augmentation() if train else []
     intensity_aug = _intensity_augmentation() if train else []
     return Compose(
@@ -54,6 +77,8 @@ def build_transforms(size: tuple[int, int, int], train: bool = False) -> Compose
 
 
 def _spatial_augmentation() -> list[MapTransform]:
+    from monai.transforms import RandFlipd, RandRotate90d
+
     return [
         RandRotate90d(KEY, prob=0.5, spatial_axes=(1, 2)),  # in-plane (H, W)
         *(RandFlipd(KEY, prob=0.1, spatial_axis=axis) for axis in range(3)),
@@ -61,23 +86,22 @@ def _spatial_augmentation() -> list[MapTransform]:
 
 
 def _intensity_augmentation() -> list[MapTransform]:
+    from monai.transforms import RandScaleIntensityd, RandShiftIntensityd
+
     return [RandScaleIntensityd(KEY, factors=0.1, prob=0.5), RandShiftIntensityd(KEY, offsets=0.1, prob=0.5)]
 
 
-class ClipUnitd(MapTransform):
+def _clip_unit(image: torch.Tensor) -> torch.Tensor:
     """Clip to [0, 1] (MONAI's ScaleIntensityRanged does it too, at ~20x the cost)."""
-
-    def __call__(self, data: Mapping[Any, Any]) -> dict[Any, Any]:
-        d = dict(data)
-        for key in self.key_iterator(d):
-            d[key] = d[key].clip(0.0, 1.0)
-        return d
+    return image.clip(0.0, 1.0)
 
 
 def _finish() -> list[MapTransform]:
+    from monai.transforms import EnsureTyped, Lambdad
+
     return [
         EnsureTyped(KEY, data_type="tensor", dtype=torch.float32, track_meta=False),
-        ClipUnitd(KEY),
+        Lambdad(KEY, func=_clip_unit),
     ]
 
 
@@ -87,6 +111,8 @@ def build_augmentation() -> Compose:
     Used on cached eval-preprocessed volumes (`augment`). The in-plane rotation and flips commute with
     the resize for square slices, so this equals the train pipeline up to interpolation.
     """
+    from monai.transforms import Compose
+
     return Compose([*_spatial_augmentation(), *_intensity_augmentation(), *_finish()])
 
 
@@ -115,7 +141,9 @@ def prepare_volume(
     if window not in WINDOWS:
         raise ValueError(f"unknown window {window!r}; valid names: {', '.join(WINDOWS)}")
     image = volume.array if volume.intensity == "unit" else apply_window(volume.array, window)
-    pipeline = build_transforms(size, train=train)
+    if not train:
+        return preprocess_eval(image[None], size)
+    pipeline = build_transforms(size, train=True)
     if seed is not None:
         pipeline.set_random_state(seed=seed)
     return pipeline({KEY: image[None]})[KEY]

@@ -114,31 +114,33 @@ def meteor_unavailable_reason(nltk_data: str | Path | None = None) -> str | None
     """None when METEOR can run offline; otherwise why not and the command that fixes it.
 
     A complete data folder (``nltk_data``, else the med2e3 default) is put first on
-    ``nltk.data.path``; NLTK's own search path (``NLTK_DATA``, ``~/nltk_data``) also counts.
-    Never downloads anything.
+    ``nltk.data.path``; NLTK's own search path (``NLTK_DATA``, ``~/nltk_data``) also counts. When
+    neither has the data, it is built into the first folder from Debian's WordNet files
+    (`nltk_setup.ensure_nltk_data`). Never downloads anything.
     """
     try:
         nltk = importlib.import_module("nltk")
     except ImportError:
         return "METEOR skipped: nltk is not installed (pip install nltk)"
     candidates = _nltk_candidate_dirs(nltk_data)
-    for folder in candidates:
-        if not nltk_setup.missing_nltk_data(folder):
-            if str(folder) not in nltk.data.path:
-                nltk.data.path.insert(0, str(folder))
-            break
+    folder = next((f for f in candidates if not nltk_setup.missing_nltk_data(f)), None)
+    if folder is None and not _nltk_data_found(nltk):
+        try:
+            folder = nltk_setup.ensure_nltk_data(candidates[0])
+        except (nltk_setup.NltkDataError, OSError) as err:
+            return f"METEOR skipped: offline NLTK data (WordNet 3.0, punkt_tab English) cannot be built in {candidates[0]}: {err}"
+    if folder is not None and str(folder) not in nltk.data.path:
+        nltk.data.path.insert(0, str(folder))
+    return None
+
+
+def _nltk_data_found(nltk: Any) -> bool:
     try:
         nltk.data.find((nltk_setup.WORDNET_SUBDIR / "lexnames").as_posix())
         nltk.data.find(f"{nltk_setup.PUNKT_SUBDIR.as_posix()}/")
     except LookupError:
-        where = ", ".join(str(d) for d in candidates)
-        command = nltk_setup.SETUP_COMMAND + (f" {candidates[0]}" if nltk_data is not None else "")
-        return (
-            f"METEOR skipped: offline NLTK data (WordNet 3.0, punkt_tab English) not found in {where} "
-            f"or on NLTK's search path. Build it with: {command} "
-            f"(prerequisites: {nltk_setup.INSTALL_HINT})"
-        )
-    return None
+        return False
+    return True
 
 
 def meteor(prediction: str, reference: str, *, nltk_data: str | Path | None = None) -> float:

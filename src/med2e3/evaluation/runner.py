@@ -65,13 +65,19 @@ def predict_examples(
         row = {"id": ex.id, "volume": str(ex.volume), "question": ex.question, "prompt": ex.prompt}
         groups[(ex.orientation, budgets[ex.task])].append(row)
     saved = predictor.orientation
-    answered = 0
+    answered = failed = 0
     try:
         for (orientation, tokens), rows in sorted(groups.items()):
             predictor.orientation = orientation
-            answered += predictor.run_batch(rows, out_jsonl, max_new_tokens=tokens, progress=progress)
+            result = predictor.run_batch(rows, out_jsonl, max_new_tokens=tokens, progress=progress)
+            answered += result.answered
+            failed += result.failed
     finally:
         predictor.orientation = saved
+    if failed:
+        raise DatasetError(
+            out_jsonl, f"{failed} examples failed; their errors are in the file (a rerun retries them)"
+        )
     return answered
 
 
@@ -108,6 +114,8 @@ def read_predictions(path: str | Path) -> dict[str, dict[str, Any]]:
                 raise DatasetError(
                     path, f"not valid JSON ({err.msg}, column {err.colno})", row=line_no
                 ) from None
+            if isinstance(row, dict) and "error" in row:
+                raise DatasetError(path, f"id {row.get('id')!r} failed: {row['error']}", row=line_no)
             if not isinstance(row, dict) or not isinstance(row.get("id"), str) or "answer" not in row:
                 raise DatasetError(path, "each line needs a string 'id' and an 'answer'", row=line_no)
             if row["id"] in rows:
