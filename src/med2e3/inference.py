@@ -23,7 +23,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors import SafetensorError, safe_open
 from tqdm.auto import tqdm
 from transformers import TextIteratorStreamer
 from transformers.utils import logging as hf_logging
@@ -40,10 +39,11 @@ from med2e3.data.io import (
     from_array,
     load_volume,
 )
-from med2e3.data.processor import Med2E3Processor, check_orientation, check_tokenizer_folder, check_window
+from med2e3.data.processor import Med2E3Processor, check_orientation, check_window
 from med2e3.data.transforms import prepare_volume, source_slice_ranges
-from med2e3.errors import ConfigError, DatasetError, InputError, Med2E3Error
+from med2e3.errors import DatasetError, InputError, Med2E3Error
 from med2e3.files import write_atomic
+from med2e3.folders import check_model_folder
 from med2e3.model import Med2E3ForConditionalGeneration, VolumeEncoding
 
 logger = logging.getLogger(__name__)
@@ -83,33 +83,6 @@ class LoadedVolume:
     pixel_values: torch.Tensor  # 1 x 1 x D x H x W in [0, 1]
     encoding: VolumeEncoding
     slice_ranges: list[tuple[int, int]]
-
-
-def check_model_folder(path: str | Path) -> Path:
-    """Raise ConfigError unless ``path`` is a med2e3 model folder (weights, config, processor files)."""
-    path = Path(path)
-    if not path.is_dir():
-        raise ConfigError(f"{path}: model folder does not exist")
-    config = path / "config.json"
-    if not config.is_file():
-        raise ConfigError(f"{path}: not a med2e3 model folder (no config.json)")
-    try:
-        model_type = json.loads(config.read_text()).get("model_type")
-    except json.JSONDecodeError:
-        raise ConfigError(f"{config}: not valid JSON") from None
-    if model_type != "med2e3":
-        raise ConfigError(f"{path}: not a med2e3 model (config.json says model_type={model_type!r})")
-    weights = sorted(path.glob("*.safetensors"))
-    if not weights:
-        raise ConfigError(f"{path}: no weights (*.safetensors)")
-    for file in weights:
-        try:
-            with safe_open(file, "pt"):  # reads and checks the header against the file's size
-                pass
-        except SafetensorError as err:
-            raise ConfigError(f"{file}: truncated or corrupt weights file ({err})") from None
-    check_tokenizer_folder(path)
-    return path
 
 
 def _override(name: str, given: str | None, trained: str) -> str:

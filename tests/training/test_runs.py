@@ -103,7 +103,7 @@ def test_unusable_output_dir_or_init_from_stop_before_any_folder(
     weights = (stage1 / "model.safetensors").read_bytes()
     (stage1 / "model.safetensors").write_bytes(weights[: len(weights) // 2])
     err = cli_error(capsys, "train", str(cfg), "stage=finetune", f"model.init_from={stage1}")
-    assert "model.safetensors: unreadable weights" in err
+    assert "model.safetensors: truncated or corrupt weights file" in err
     assert not (tmp_path / "out").exists() and not (tmp_path / "cache").exists()
 
 

@@ -25,6 +25,7 @@ from transformers import AutoTokenizer, BatchFeature, PreTrainedTokenizerBase, P
 from med2e3.config import Med2E3Config
 from med2e3.data.datasets import ORIENTATIONS
 from med2e3.errors import ConfigError, InputError
+from med2e3.folders import check_tokenizer_folder
 
 logger = logging.getLogger(__name__)
 
@@ -40,7 +41,6 @@ IGNORE_INDEX = -100
 DEFAULT_WINDOW = "abdomen"
 DEFAULT_ORIENTATION = "axial"
 #: A tokenizer folder holds at least one of these (fast tokenizers, SentencePiece, WordPiece, BPE vocab).
-TOKENIZER_VOCAB_FILES: tuple[str, ...] = ("tokenizer.json", "tokenizer.model", "vocab.txt", "vocab.json")
 
 
 BUNDLED_VOCAB_SIZE = 1024
@@ -113,14 +113,6 @@ def build_question_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
         sep_token="[SEP]",
         mask_token="[MASK]",
     )
-
-
-def check_tokenizer_folder(folder: str | Path) -> Path:
-    """Raise ConfigError naming ``folder`` unless it holds tokenizer files."""
-    folder = Path(folder)
-    if not any((folder / name).is_file() for name in TOKENIZER_VOCAB_FILES):
-        raise ConfigError(f"{folder}: no tokenizer files (none of {', '.join(TOKENIZER_VOCAB_FILES)})")
-    return folder
 
 
 def load_tokenizer(folder: str | Path) -> PreTrainedTokenizerBase:

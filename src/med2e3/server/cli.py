@@ -126,7 +126,7 @@ class _HideToken(logging.Filter):
 def check_args(args: argparse.Namespace) -> ServerSettings:
     """Everything about ``serve`` arguments that can be refused before loading the model."""
     from med2e3.data.io import WINDOWS
-    from med2e3.inference import check_model_folder
+    from med2e3.folders import check_model_folder
 
     check_bind(args.host, args.token)
     if args.window is not None and args.window not in WINDOWS:

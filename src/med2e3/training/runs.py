@@ -18,6 +18,7 @@ from typing import Any
 
 from med2e3.errors import ConfigError, OutputError
 from med2e3.files import write_atomic
+from med2e3.folders import check_model_folder
 from med2e3.training.config import TrainConfig, config_to_dict
 
 TRAINING_INFO = "training_info.json"
@@ -139,40 +140,13 @@ def check_writable_folder(path: Path, key: str) -> None:
     os.unlink(probe)
 
 
-def check_model_folder(folder: Path) -> None:
-    """Raise ConfigError unless ``folder`` holds a complete med2e3 model (e.g. a stage-1 output)."""
-    from safetensors import SafetensorError, safe_open
-
-    from med2e3.config import Med2E3Config
-
-    config_file = folder / "config.json"
-    if not folder.is_dir():
-        raise ConfigError(f"{folder}: model.init_from is not a folder")
-    if not config_file.is_file():
-        raise ConfigError(
-            f"{folder}: no config.json; model.init_from must be a med2e3 output folder (stage 1)"
-        )
-    model_type = json.loads(config_file.read_text()).get("model_type")
-    if model_type != Med2E3Config.model_type:
-        raise ConfigError(f"{folder}: config.json is a {model_type!r} model, not a med2e3 model")
-    weights = sorted(folder.glob("*.safetensors"))
-    if not weights:
-        raise ConfigError(f"{folder}: no weights (*.safetensors); was the stage-1 run finished?")
-    for file in weights:
-        try:
-            with safe_open(file, "np"):  # reads the header: a truncated file does not cover it
-                pass
-        except (SafetensorError, OSError) as err:
-            raise ConfigError(f"{file}: unreadable weights ({err}); was the stage-1 run finished?") from None
-
-
 def preflight(config: TrainConfig, overwrite: bool = False) -> bool:
     """Every check a run makes before it creates a folder or loads anything; True when it already finished."""
     check_writable_folder(Path(config.output_dir), "output_dir")
     if config.data.cache_dir:
         check_writable_folder(Path(config.data.cache_dir), "data.cache_dir")
     if config.model.init_from:
-        check_model_folder(Path(config.model.init_from))
+        check_model_folder(config.model.init_from, role="model.init_from")
     return check_resume(config, overwrite)
 
 

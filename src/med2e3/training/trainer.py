@@ -21,6 +21,7 @@ from med2e3.config import Med2E3Config
 from med2e3.data.processor import Med2E3Processor, check_window
 from med2e3.errors import ConfigError
 from med2e3.files import write_atomic
+from med2e3.folders import check_model_folder
 from med2e3.model import Med2E3ForConditionalGeneration
 from med2e3.training.config import TrainConfig, config_to_dict
 from med2e3.training.data import Collator, VolumeCache, VolumeTextDataset, load_examples
@@ -28,7 +29,6 @@ from med2e3.training.runs import (
     COMPLETE_MARKER,
     LOSS_LOG,
     TRAINING_INFO,
-    check_model_folder,
     discard_run,
     last_complete_checkpoint,
     preflight,
@@ -45,7 +45,7 @@ def build_model(config: TrainConfig) -> tuple[Med2E3ForConditionalGeneration, Me
     section = config.model
     if section.init_from:
         folder = Path(section.init_from)
-        check_model_folder(folder)
+        check_model_folder(folder, role="model.init_from")
         model = Med2E3ForConditionalGeneration.from_pretrained(folder)
         processor = Med2E3Processor.from_pretrained(folder)
     else:
