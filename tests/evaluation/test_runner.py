@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import random
 from dataclasses import replace
@@ -10,10 +9,11 @@ from pathlib import Path
 
 import pytest
 
+from med2e3.cli import build_parser
 from med2e3.data.datasets import Example
 from med2e3.errors import ConfigError, DatasetError
 from med2e3.evaluation import ablation
-from med2e3.evaluation.runner import EvalReport, evaluate, load_dataset, predict_examples, register
+from med2e3.evaluation.runner import EvalReport, evaluate, load_dataset, predict_examples
 
 
 def closed(i: int, qtype: str, letter: str, relevant: tuple[int, ...] | None = None) -> Example:
@@ -191,10 +191,7 @@ def test_cli_eval_subcommand(tmp_path, case_files, capsys):
     for name in ("v0.nii.gz", "v1.nii.gz"):
         (tmp_path / name).write_bytes(b"")  # the reader checks that volumes exist; nothing loads them
     write_conversations([dataclasses.replace(e, volume=tmp_path / e.volume.name) for e in examples], jsonl)
-    parser = argparse.ArgumentParser(prog="med2e3")
-    sub = parser.add_subparsers(dest="command", required=True)
-    register(sub)
-    ablation.register(sub)
+    parser = build_parser()
     args = parser.parse_args(
         [
             "eval",

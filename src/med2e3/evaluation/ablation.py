@@ -12,7 +12,6 @@ Run: ``python -m med2e3.evaluation.ablation runs/ablation --volumes 400 --seeds 
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import re
@@ -421,92 +420,7 @@ def _log(message: str) -> None:
     print(f"[ablation {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
-# ---------------------------------------------------------------------------------------- CLI
+if __name__ == "__main__":  # python -m med2e3.evaluation.ablation ARGS: the same as med2e3 ablation ARGS
+    from med2e3.cli import main
 
-
-def _settings(args: argparse.Namespace) -> AblationSettings:
-    return AblationSettings(
-        volumes=args.volumes,
-        data_seed=args.data_seed,
-        seeds=tuple(args.seeds),
-        variants=tuple(args.variants),
-        pretrain_steps=args.pretrain_steps,
-        finetune_steps=args.finetune_steps,
-        batch_size=args.batch_size,
-        closed_eval=args.closed_eval,
-        open_eval=args.open_eval,
-        report_eval=args.report_eval,
-        threads=args.threads,
-        jobs=args.jobs,
-        configs_dir=Path(args.configs),
-        overrides=tuple(args.override),
-    )
-
-
-def _ablation_command(args: argparse.Namespace) -> int:
-    path = run_ablation(args.out, _settings(args), args.results, overwrite=args.overwrite)
-    print(f"results written to {path}")
-    return 0
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    d = AblationSettings()
-    p.add_argument("out", help="working folder: benchmark, runs, predictions (reused on rerun)")
-    p.add_argument("--volumes", type=int, default=d.volumes, help=f"benchmark volumes (default {d.volumes})")
-    p.add_argument("--data-seed", type=int, default=d.data_seed, help="benchmark seed (default 0)")
-    p.add_argument(
-        "--seeds", type=int, nargs="+", default=list(d.seeds), help="training seeds (default 0 1 2)"
-    )
-    p.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
-    p.add_argument("--pretrain-steps", type=int, default=d.pretrain_steps)
-    p.add_argument("--finetune-steps", type=int, default=d.finetune_steps)
-    p.add_argument("--batch-size", type=int, default=d.batch_size)
-    p.add_argument("--closed-eval", type=int, default=d.closed_eval, help="closed test questions scored")
-    p.add_argument("--open-eval", type=int, default=d.open_eval, help="open test questions scored")
-    p.add_argument("--report-eval", type=int, default=d.report_eval, help="test reports scored")
-    p.add_argument("--threads", type=int, default=d.threads, help="torch threads per run (default 1)")
-    p.add_argument(
-        "--jobs", type=int, default=d.jobs, help="runs trained at once, one process each (default 1)"
-    )
-    p.add_argument("--configs", default=str(d.configs_dir), help="folder with tiny-pretrain/finetune.yaml")
-    p.add_argument(
-        "--override",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="extra config override, both stages",
-    )
-    p.add_argument("--results", help="Markdown file to fill (default OUT/results.md), e.g. docs/results.md")
-    p.add_argument(
-        "--overwrite",
-        action="store_true",
-        help="discard the runs already in OUT and train again (without it a rerun reuses them only when "
-        "made with the same settings)",
-    )
-    p.set_defaults(handler=_ablation_command)
-
-
-def register(subparsers: Any) -> argparse.ArgumentParser:
-    """Add ``med2e3 ablation`` to the CLI's subparsers; returns its parser."""
-    p = subparsers.add_parser(
-        "ablation",
-        help="train and evaluate the none / mean / tgis slice aggregations on the synthetic benchmark",
-        description="Train (stage 1 + stage 2, tiny preset, identical budgets) and evaluate the three "
-        "slice_aggregation variants over several seeds on the synthetic benchmark; write the mean ± std "
-        "table. Resumable: finished stages, predictions and evaluations are reused.",
-        epilog="example: med2e3 ablation runs/ablation --volumes 400 --seeds 0 1 2 --results docs/results.md",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    add_arguments(p)
-    return p
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m med2e3.evaluation.ablation", description=__doc__)
-    add_arguments(parser)
-    args = parser.parse_args(argv)
-    return _ablation_command(args)
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(["ablation", *sys.argv[1:]]))

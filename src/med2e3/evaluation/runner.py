@@ -7,12 +7,11 @@
   VQA accuracy (per question type and overall), open VQA and report generation (BLEU-1, ROUGE-1,
   METEOR, optional BERTScore), and TG-IS attention quality (mass of the slice scores on the relevant
   slices, next to what uniform weights give).
-* :func:`register` adds the ``med2e3 eval`` subcommand.
+* ``med2e3 eval`` (`med2e3.cli.evaluation`) runs both from the command line.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 from collections import defaultdict
@@ -22,17 +21,15 @@ from pathlib import Path
 from typing import Any
 
 from med2e3.data.datasets import (
-    DATASET_FORMATS,
-    ORIENTATIONS,
     QUESTION_TYPES,
     DatasetSource,
     Example,
     format_of,
     read_dataset,
 )
-from med2e3.errors import ConfigError, DatasetError
+from med2e3.errors import DatasetError
 from med2e3.evaluation.metrics import METRIC_NAMES, closed_vqa_accuracy, score_texts
-from med2e3.evaluation.reliance import ImageReliance, image_reliance, question_dependence
+from med2e3.evaluation.reliance import ImageReliance, question_dependence
 from med2e3.files import write_atomic
 
 #: Tokens generated per task unless told otherwise (closed answers are a letter and a choice).
@@ -472,111 +469,3 @@ def load_dataset(
         limit=limit,
     )
     return read_dataset(source)
-
-
-def _check_limit(limit: int | None) -> None:
-    if limit is not None and limit < 1:
-        raise ConfigError(f"--limit must be at least 1 (the first N examples), got {limit}")
-
-
-# ---------------------------------------------------------------------------------------- CLI
-
-
-def _eval_command(args: argparse.Namespace) -> int:
-    _check_limit(args.limit)
-    if args.image_reliance and not args.model:
-        raise DatasetError(None, "--image-reliance needs --model (the questions are answered again)")
-    predictor = None
-    if args.model:
-        from med2e3.inference import Med2E3Predictor
-
-        predictor = Med2E3Predictor.from_pretrained(
-            args.model, device=args.device, window=args.window, orientation=args.orientation
-        )
-    dataset = load_dataset(
-        args.dataset,
-        format=args.format,
-        volume_dir=args.volume_dir,
-        split=args.split,
-        form=args.form,
-        orientation=args.orientation or (predictor.orientation if predictor else "axial"),
-        data_root=args.data_root,
-    )
-    examples = dataset[: args.limit]
-    if predictor is not None:
-        tokens = args.max_new_tokens if args.max_new_tokens is not None else None
-        n = predict_examples(predictor, examples, args.predictions, max_new_tokens=tokens)
-        print(f"{n} answers written to {args.predictions} ({len(examples) - n} were already there)")
-    report = evaluate(
-        args.predictions,
-        examples,
-        nltk_data=args.nltk_data,
-        bertscore_model=args.bertscore_model,
-        left_out={ex.id for ex in dataset[len(examples) :]},
-    )
-    if args.image_reliance:
-        vqa = [ex for ex in examples if ex.task in ("vqa_closed", "vqa_open")]
-        report.image_reliance = image_reliance(predictor, vqa)
-    report.write(args.out, args.markdown)
-    print(report.to_markdown())
-    for path in (args.out, args.markdown):
-        if path:
-            print(f"written to {path}")
-    return 0
-
-
-def register(subparsers: Any) -> argparse.ArgumentParser:
-    """Add ``med2e3 eval`` to the CLI's subparsers; returns its parser."""
-    p = subparsers.add_parser(
-        "eval",
-        help="score predictions (a batch JSONL) against a dataset, optionally predicting them first",
-        description="Score predictions against a dataset, matched by id: closed-VQA accuracy per question "
-        "type, open-VQA and report BLEU-1/ROUGE-1/METEOR (BERTScore with a local model), and TG-IS "
-        "attention on the relevant slices. With --model the predictions are produced first (resumable).",
-        epilog="example: med2e3 eval preds.jsonl --dataset data/synth/M3D_VQA_test.csv --form closed "
-        "--orientation acquisition --model runs/demo/finetune --out report.json --markdown report.md",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    p.add_argument("predictions", help="JSONL of answers (from med2e3 batch / --model); rows matched by id")
-    p.add_argument(
-        "--dataset", required=True, help="M3D-VQA CSV, M3D-Cap JSON (with --split) or conversation JSONL"
-    )
-    p.add_argument(
-        "--format",
-        choices=list(DATASET_FORMATS),
-        help="dataset format (default: by file name: .csv m3d_vqa, .json m3d_cap, .jsonl conversations)",
-    )
-    p.add_argument("--volume-dir", help="ct_rate: the folder of the CT-RATE NIfTI volumes")
-    p.add_argument("--split", default="test", help="M3D-Cap split (default test)")
-    p.add_argument("--form", choices=("closed", "open", "both"), default="both", help="M3D-VQA form")
-    p.add_argument(
-        "--orientation",
-        choices=ORIENTATIONS,
-        help="how volumes are read (default: as the --model was trained, else axial)",
-    )
-    p.add_argument("--data-root", help="folder the dataset's volume paths are relative to")
-    p.add_argument("--limit", type=int, help="first N examples only")
-    p.add_argument("--out", help="write the report JSON (every per-sample score) here")
-    p.add_argument("--markdown", help="write the Markdown tables here")
-    p.add_argument("--nltk-data", help="offline NLTK data folder for METEOR")
-    p.add_argument("--bertscore-model", help="a local model folder for BERTScore (e.g. roberta-large)")
-    g = p.add_argument_group("predicting first")
-    g.add_argument("--model", help="a med2e3 model folder: answer the dataset into PREDICTIONS first")
-    g.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
-    g.add_argument(
-        "--window", help="CT window: abdomen, lung, bone, brain, minmax (default: the model's own)"
-    )
-    g.add_argument(
-        "--image-reliance",
-        action="store_true",
-        help="also answer the VQA questions with another volume of the dataset (a fixed derangement) and "
-        "report accuracy and answer loss both ways: a model that reads the scan loses when it is swapped",
-    )
-    g.add_argument(
-        "--max-new-tokens",
-        type=int,
-        default=None,
-        help="one budget for all tasks (default: 8 closed, 32 open, 128 reports)",
-    )
-    p.set_defaults(handler=_eval_command)
-    return p

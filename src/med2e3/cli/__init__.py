@@ -1,6 +1,8 @@
 """The ``med2e3`` command: thin subcommands over the library's functions.
 
 Errors the user can fix (bad file, bad config, bad input) print one line and exit with status 2.
+The subcommands of a group with many options have a module of their own: ``eval`` and ``ablation`` in
+`med2e3.cli.evaluation`, ``serve`` in `med2e3.server.cli`.
 """
 
 from __future__ import annotations
@@ -11,9 +13,8 @@ import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 
+from med2e3.cli.evaluation import register_ablation, register_eval
 from med2e3.errors import Med2E3Error
-from med2e3.evaluation.ablation import register as register_ablation
-from med2e3.evaluation.runner import register as register_eval
 from med2e3.server import register as register_server
 
 EXIT_USAGE = 2
@@ -310,7 +311,3 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("med2e3: interrupted", file=sys.stderr)
         return 130
-
-
-if __name__ == "__main__":
-    sys.exit(main())
