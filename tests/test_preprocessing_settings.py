@@ -126,3 +126,15 @@ def test_folders_written_before_still_load_with_a_notice(tiny_model_dir, tmp_pat
         predictor = Med2E3Predictor.from_pretrained(old, device="cpu")
     assert (predictor.window, predictor.orientation) == ("abdomen", "axial")
     assert "written before preprocessing was saved with the model" in caplog.text
+
+
+def test_an_unknown_window_is_one_line(trained, capsys):
+    from med2e3.cli import main
+
+    folder, bench = trained
+    assert (
+        main(["ask", str(_sagittal_volume(bench)), "Which plane?", "--model", str(folder), "--window", "foo"])
+        == 2
+    )
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["med2e3: error: unknown window 'foo'; valid names: abdomen, lung, bone, brain, minmax"]
