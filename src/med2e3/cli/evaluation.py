@@ -71,7 +71,7 @@ def register_eval(subparsers: Any) -> argparse.ArgumentParser:
         "type, open-VQA and report BLEU-1/ROUGE-1/METEOR (BERTScore with a local model), and TG-IS "
         "attention on the relevant slices. With --model the predictions are produced first (resumable).",
         epilog="example: med2e3 eval preds.jsonl --dataset data/synth/M3D_VQA_test.csv --form closed "
-        "--orientation acquisition --model runs/demo/finetune --out report.json --markdown report.md",
+        "--model runs/demo/finetune --image-reliance --out report.json --markdown report.md",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("predictions", help="JSONL of answers (from med2e3 batch / --model); rows matched by id")
