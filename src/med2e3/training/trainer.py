@@ -18,7 +18,7 @@ import torch
 from transformers.trainer_callback import TrainerCallback
 
 from med2e3.config import Med2E3Config
-from med2e3.data.processor import Med2E3Processor, check_window
+from med2e3.data.processor import Med2E3Processor
 from med2e3.errors import ConfigError
 from med2e3.files import write_atomic
 from med2e3.folders import check_model_folder
@@ -64,7 +64,7 @@ def build_model(config: TrainConfig) -> tuple[Med2E3ForConditionalGeneration, Me
         )
     processor.max_length = config.max_length
     processor.check_config(model.config)
-    processor.window = check_window(config.data.window)  # the preprocessing travels with the model
+    processor.window = config.data.window  # checked with the config; the preprocessing travels with the model
     orientations = Counter(source.orientation for source in config.data.train)
     processor.orientation = orientations.most_common(1)[0][0]
     return model, processor

@@ -25,22 +25,6 @@ import numpy as np
 
 from med2e3.errors import ConfigError
 
-__all__ = [
-    "SynthConfig",
-    "SynthCase",
-    "synthesize",
-    "generate_volume",
-    "case_rng",
-    "model_slices",
-    "PLANES",
-    "PHASES",
-    "REGIONS",
-    "LESION_TYPES",
-    "ORGANS",
-    "STRUCTURES",
-    "STRUCTURE_ID",
-]
-
 PLANES: tuple[str, ...] = ("axial", "coronal", "sagittal")
 PHASES: tuple[str, ...] = ("non-contrast", "arterial", "portal venous")
 REGIONS: tuple[str, ...] = ("chest", "abdomen", "pelvis", "chest-abdomen", "abdomen-pelvis")

@@ -29,17 +29,6 @@ from med2e3.data.synth.text import _caption, _questions, _text_rng
 from med2e3.errors import ConfigError
 from med2e3.files import write_atomic
 
-__all__ = [
-    "generate_benchmark",
-    "benchmark_source",
-    "benchmark_examples",
-    "CAPTIONS_FILE",
-    "VQA_FILE",
-    "VQA_HEADER",
-    "GENERATOR_VERSION",
-    "SPLITS",
-]
-
 #: Version of what `anatomy` and `text` draw; part of the fingerprint that lets a rerun skip done volumes.
 GENERATOR_VERSION = 1
 #: Columns of the VQA CSVs: the M3D-VQA columns plus ``Relevant Slices``.
