@@ -359,7 +359,8 @@ class Med2E3Predictor:
         """Per question: mean negative log-likelihood of the tokens of its reference ``answers`` (the
         training loss of that one example) given the loaded volume."""
         loaded = self._loaded()
-        self._inputs(questions, prompts)  # the same checks as for asking
+        for i, q in enumerate(questions):  # the same checks as for asking
+            self.check_question(q, None if prompts is None else prompts[i])
         batch = self.processor(
             list(prompts or questions), questions=list(questions), answers=list(answers), padding_side="right"
         )
