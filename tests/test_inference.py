@@ -16,7 +16,7 @@ from PIL import Image
 from med2e3 import Med2E3Config, Med2E3ForConditionalGeneration, Med2E3Processor
 from med2e3.data.io import VolumeWarning
 from med2e3.errors import ConfigError, DatasetError, InputError, VolumeError
-from med2e3.inference import BatchResult, Med2E3Predictor, completed_ids, read_batch_input
+from med2e3.inference import BatchResult, Med2E3Predictor, Question, completed_ids, read_batch_input
 from med2e3.viz import plot_slice_scores
 
 QUESTIONS = ["Which organ has a lesion?", "In which plane is this image?", "What is in the left kidney?"]
@@ -79,6 +79,37 @@ def test_ask_many_equals_repeated_ask(predictor, volume_path):
     for a, b in zip(many, single, strict=True):
         np.testing.assert_allclose(a.slice_scores, b.slice_scores, rtol=1e-5, atol=1e-7)
     assert many[0].slice_scores != many[1].slice_scores  # the question matters
+
+
+def _scan(seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    vol = rng.uniform(0, 0.3, size=(1, 40, 72, 72)).astype(np.float32)
+    vol[0, 5 + seed : 30 + seed, 10:60, 10 + 4 * seed : 50 + 4 * seed] += 0.5
+    return vol
+
+
+def test_ask_batch_over_different_volumes_equals_one_at_a_time(predictor):
+    """One generation for questions about three volumes, with their own answer lengths and streams: the
+    same greedy answers (fp32, CPU) and TG-IS scores as asking each volume alone."""
+    volumes = [predictor.load(_scan(seed)) for seed in range(3)]
+    asked = [(0, QUESTIONS[0], 8), (1, QUESTIONS[0], 3), (2, QUESTIONS[1], 8), (0, QUESTIONS[2], 5)]
+    streamed: list[list[str]] = [[] for _ in asked]
+    batch = [
+        Question(volumes[v], q, max_new_tokens=n, on_text=streamed[i].append)
+        for i, (v, q, n) in enumerate(asked)
+    ]
+    together = predictor.ask_batch(batch)
+    alone = []
+    for v, q, n in asked:
+        predictor.current = volumes[v]
+        alone.append(predictor.ask(q, max_new_tokens=n))
+    assert [a.answer for a in together] == [a.answer for a in alone]
+    assert ["".join(pieces) for pieces in streamed] == [a.answer for a in alone]
+    assert len(together[1].answer.split()) <= 3 < len(together[0].answer.split())  # each row's own length
+    for a, b, (v, _, _) in zip(together, alone, asked, strict=True):
+        np.testing.assert_allclose(a.slice_scores, b.slice_scores, rtol=1e-5, atol=1e-7)
+        assert a.slice_ranges == volumes[v].slice_ranges
+    assert together[0].slice_scores != together[1].slice_scores  # the volume matters
 
 
 def test_static_cache_option_gives_the_same_answers(predictor, volume_path, monkeypatch):

@@ -12,8 +12,9 @@ import io
 import json
 import logging
 import os
+import queue
 import warnings
-from collections.abc import Generator, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -24,7 +25,8 @@ from typing import Any
 import numpy as np
 import torch
 from tqdm.auto import tqdm
-from transformers import TextIteratorStreamer
+from transformers import StoppingCriteria, StoppingCriteriaList, TextStreamer
+from transformers.generation.streamers import BaseStreamer
 from transformers.utils import logging as hf_logging
 
 from med2e3.data.datasets import REPORT_INSTRUCTIONS
@@ -83,6 +85,63 @@ class LoadedVolume:
     pixel_values: torch.Tensor  # 1 x 1 x D x H x W in [0, 1]
     encoding: VolumeEncoding
     slice_ranges: list[tuple[int, int]]
+
+
+@dataclass
+class Question:
+    """One question for `Med2E3Predictor.ask_batch`: about ``volume``, shown to the LLM as ``prompt`` if given."""
+
+    volume: LoadedVolume
+    text: str
+    prompt: str | None = None
+    max_new_tokens: int = 64
+    on_text: Callable[[str], None] | None = None  # gets the answer piece by piece as it is generated
+
+
+class _AnswerLengths(StoppingCriteria):
+    """Stop each row of a batch after its own number of new tokens (later tokens of the row are padding)."""
+
+    def __init__(self, prompt_tokens: int, limits: Sequence[int], device: torch.device):
+        self.prompt_tokens = prompt_tokens
+        self.limits = torch.tensor(limits, device=device)
+
+    def __call__(self, input_ids: torch.Tensor, scores: Any, **kwargs: Any) -> torch.Tensor:
+        return input_ids.shape[1] - self.prompt_tokens >= self.limits  # B
+
+
+class _TextPieces(TextStreamer):
+    """One row's streamed text, cut as `Med2E3Processor.decode` cuts the whole answer: no leading space,
+    trailing spaces held back until more text follows, so the pieces add up to the answer."""
+
+    def __init__(self, tokenizer: Any, on_text: Callable[[str], None]):
+        super().__init__(tokenizer, skip_prompt=True, skip_special_tokens=True)
+        self.on_text = on_text
+        self.text = self.held = ""
+
+    def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
+        piece = self.held + (text if self.text else text.lstrip())
+        core = piece.rstrip()
+        self.held = piece[len(core) :]
+        if core:
+            self.text += core
+            self.on_text(core)
+
+
+class _RowStreamer(BaseStreamer):
+    """Hands each row of a batched generation to its own `_TextPieces` (rows without a callback are skipped)."""
+
+    def __init__(self, tokenizer: Any, callbacks: Sequence[Callable[[str], None] | None]):
+        self.rows = [None if fn is None else _TextPieces(tokenizer, fn) for fn in callbacks]
+
+    def put(self, value: torch.Tensor) -> None:  # B x L prompt, then B new tokens per step
+        for row, tokens in zip(self.rows, value.reshape(len(self.rows), -1), strict=True):
+            if row is not None:
+                row.put(tokens)
+
+    def end(self) -> None:
+        for row in self.rows:
+            if row is not None:
+                row.end()
 
 
 def _override(name: str, given: str | None, trained: str) -> str:
@@ -270,6 +329,38 @@ class Med2E3Predictor:
         return kwargs
 
     @torch.no_grad()
+    def ask_batch(self, questions: Sequence[Question], do_sample: bool = False, **sampling: Any) -> list[Answer]:
+        """Answer questions about any loaded volumes (the same or different ones) in one batched generation.
+
+        Each question has its own volume, answer length and optional ``on_text`` callback, which gets the
+        answer's text piece by piece as it is generated (the pieces add up to the answer). Raises
+        InputError for the first question that cannot be asked: check each with `check_question` first
+        to keep a bad one out of a batch.
+        """
+        inputs = self._inputs([q.text for q in questions], [q.prompt or q.text for q in questions])
+        prompt_tokens = inputs["input_ids"].shape[1]
+        limits = [q.max_new_tokens for q in questions]
+        callbacks = [q.on_text for q in questions]
+        out = self.model.generate(
+            **inputs,
+            volume_encoding=VolumeEncoding.cat([q.volume.encoding for q in questions]),
+            stopping_criteria=StoppingCriteriaList([_AnswerLengths(prompt_tokens, limits, self.device)]),
+            streamer=_RowStreamer(self.processor.tokenizer, callbacks) if any(callbacks) else None,
+            **self._generation_kwargs(prompt_tokens, max(limits), do_sample, **sampling),
+        )
+        new_tokens = out.sequences[:, prompt_tokens:]  # B x max(limits)
+        scores = None if out.slice_scores is None else out.slice_scores.float().cpu().tolist()
+        return [
+            Answer(
+                q.text,
+                self.processor.decode(new_tokens[i, : q.max_new_tokens]),
+                None if scores is None else scores[i],
+                q.volume.slice_ranges,
+                self._notes(q.text),
+            )
+            for i, q in enumerate(questions)
+        ]
+
     def ask_many(
         self,
         questions: Sequence[str],
@@ -278,24 +369,17 @@ class Med2E3Predictor:
         do_sample: bool = False,
         **sampling: Any,
     ) -> list[Answer]:
-        """Answer several questions about the loaded volume in one batched generation.
+        """Answer several questions about the loaded volume in one batched generation (`ask_batch`).
 
         ``prompts`` are the texts shown to the LLM when they differ from the bare questions that
         TG-IS reads (e.g. a closed question followed by its choices).
         """
         loaded = self._loaded()
-        inputs = self._inputs(questions, prompts)
-        out = self.model.generate(
-            **inputs,
-            volume_encoding=loaded.encoding.expand(len(questions)),
-            **self._generation_kwargs(inputs["input_ids"].shape[1], max_new_tokens, do_sample, **sampling),
-        )
-        texts = self.processor.batch_decode(out.sequences[:, inputs["input_ids"].shape[1] :])
-        scores = None if out.slice_scores is None else out.slice_scores.float().cpu().tolist()
-        return [
-            Answer(q, text, None if scores is None else scores[i], loaded.slice_ranges, self._notes(q))
-            for i, (q, text) in enumerate(zip(questions, texts, strict=True))
+        batch = [
+            Question(loaded, q, None if prompts is None else prompts[i], max_new_tokens)
+            for i, q in enumerate(questions)
         ]
+        return self.ask_batch(batch, do_sample, **sampling)
 
     def ask(self, question: str, prompt: str | None = None, **generation: Any) -> Answer:
         """Answer one question about the loaded volume (greedy unless ``do_sample=True``)."""
@@ -318,39 +402,27 @@ class Med2E3Predictor:
         self, question: str, max_new_tokens: int = 64, timeout: float = 120.0
     ) -> Generator[str, None, Answer]:
         """`stream`, whose generator then returns the whole `Answer` (as `ask` gives it) when exhausted."""
-        loaded = self._loaded()
-        inputs = self._inputs([question])
-        streamer = TextIteratorStreamer(
-            self.processor.tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=timeout
-        )
-        kwargs = {**inputs, "volume_encoding": loaded.encoding, "streamer": streamer}
-        kwargs.update(self._generation_kwargs(inputs["input_ids"].shape[1], max_new_tokens, False))
-        outputs: list[Any] = []
+        pieces: queue.Queue[str | None] = queue.Queue()
+        asked = Question(self._loaded(), question, max_new_tokens=max_new_tokens, on_text=pieces.put)
+        answers: list[Answer] = []
         failure: list[BaseException] = []
 
         def run() -> None:
             try:
-                outputs.append(self.model.generate(**kwargs))
+                answers.extend(self.ask_batch([asked]))
             except BaseException as err:  # handed to the consumer below
                 failure.append(err)
-                streamer.end()
+            finally:
+                pieces.put(None)
 
         thread = Thread(target=run, daemon=True)
         thread.start()
-        text = held = ""  # `decode` strips the answer: no leading space, trailing ones held back
-        for piece in streamer:
-            piece = held + (piece if text else piece.lstrip())
-            core = piece.rstrip()
-            held = piece[len(core) :]
-            if core:
-                text += core
-                yield core
+        while (piece := pieces.get(timeout=timeout)) is not None:
+            yield piece
         thread.join()
         if failure:
             raise failure[0]
-        scores = outputs[0].slice_scores
-        scores = None if scores is None else scores[0].float().cpu().tolist()
-        return Answer(question, text, scores, loaded.slice_ranges, self._notes(question))
+        return answers[0]
 
     @torch.no_grad()
     def answer_loss(

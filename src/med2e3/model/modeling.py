@@ -13,6 +13,7 @@ Data flow for one batch (shapes for B volumes, S slices, Dl = LLM width):
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -46,6 +47,15 @@ class VolumeEncoding(ModelOutput):
 
     tokens3d: torch.Tensor | None = None  # B x N3 x Dl
     slice_tokens: torch.Tensor | None = None  # B x S x N2 x Dl (None for slice_aggregation="none")
+
+    @classmethod
+    def cat(cls, encodings: Sequence[VolumeEncoding]) -> VolumeEncoding:
+        """Concatenate encodings along the batch (one row per question; a volume may repeat)."""
+        slices = [e.slice_tokens for e in encodings]
+        return cls(
+            tokens3d=torch.cat([e.tokens3d for e in encodings]),
+            slice_tokens=None if slices[0] is None else torch.cat(slices),
+        )
 
     def expand(self, n: int) -> VolumeEncoding:
         """Repeat each volume n times along the batch (one volume asked n questions)."""
