@@ -202,10 +202,10 @@ def test_model_failures_are_json(make_client, predictor, monkeypatch) -> None:
 
         return ask
 
-    monkeypatch.setattr(predictor, "ask", fail(torch.OutOfMemoryError("CUDA out of memory")))
+    monkeypatch.setattr(predictor, "ask_batch", fail(torch.OutOfMemoryError("CUDA out of memory")))
     response = client.post(f"/api/volumes/{vid}/ask", json={"question": "x"})
     assert response.status_code == 503 and "ran out of memory" in _error(response)
-    monkeypatch.setattr(predictor, "ask", fail(RuntimeError("boom")))
+    monkeypatch.setattr(predictor, "ask_batch", fail(RuntimeError("boom")))
     response = client.post(f"/api/volumes/{vid}/ask", json={"question": "x"})
     assert response.status_code == 500 and _error(response) == "internal server error (see the server log)"
     monkeypatch.undo()

@@ -1,8 +1,9 @@
 """The FastAPI app: one page and a REST API over a `Med2E3Predictor`.
 
 Model calls (encoding an upload, answering, reporting) go through one `ModelQueue`; everything
-else (reading an upload, slices, health) runs beside it. Encoded volumes are cached in the `VolumeStore`, so several
-questions about one upload encode it once. No model logic lives here.
+else (reading an upload, slices, health) runs beside it. Questions that wait in the queue together are
+answered in one batched generation (up to ``max_batch``, about any uploads). Encoded volumes are cached in
+the `VolumeStore`, so several questions about one upload encode it once. No model logic lives here.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ import json
 import logging
 import threading
 from collections.abc import AsyncIterator, Callable
+from concurrent.futures import Future
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -31,7 +34,7 @@ from starlette.exceptions import HTTPException
 from med2e3.data.datasets import REPORT_INSTRUCTIONS
 from med2e3.data.io import WINDOWS, Volume
 from med2e3.errors import InputError, Med2E3Error, VolumeError, VolumeSizeError
-from med2e3.inference import MAX_QUESTION_CHARS, Answer, LoadedVolume, Med2E3Predictor
+from med2e3.inference import MAX_QUESTION_CHARS, Answer, LoadedVolume, Med2E3Predictor, Question
 from med2e3.server.guard import Guard
 from med2e3.server.queue import ModelQueue, QueueFull, QueueTimeout
 from med2e3.server.render import slice_png, window_bounds
@@ -130,6 +133,16 @@ ERRORS: dict[int | str, dict[str, Any]] = {
 # ---- the app --------------------------------------------------------------------------------------
 
 
+@dataclass
+class AnswerJob:
+    """A question (or the report instruction) about an upload, waiting to join a batch."""
+
+    entry: StoredVolume
+    question: str
+    max_new_tokens: int
+    on_text: Callable[[str], None] | None = None  # streamed requests: each piece of the answer
+
+
 class ServerState:
     """The state behind the routes: predictor, queue, store, settings."""
 
@@ -137,7 +150,7 @@ class ServerState:
         self.predictor = predictor
         self.settings = settings
         self.model_name = model_name
-        self.queue = ModelQueue(settings.max_waiting, settings.request_timeout_s)
+        self.queue = ModelQueue(settings.max_waiting, settings.request_timeout_s, settings.max_batch)
         self.store = VolumeStore(
             settings.ttl_s,
             settings.max_stored,
@@ -160,43 +173,37 @@ class ServerState:
 
     # -- model-thread jobs (run one at a time by the queue) --
     def ensure_loaded(self, entry: StoredVolume) -> LoadedVolume:
-        """The encoded upload, made the predictor's current volume (encoded again if it left the cache)."""
+        """The encoded upload (encoded again if it left the cache)."""
         self.store.get(entry.id)  # UnknownVolume if it expired while waiting
         loaded = self.store.loaded(entry.id)
         if loaded is None:
             volume = self.store.volume(entry.id)
             loaded = self.predictor.load(entry.source if volume is None else volume)
             self.store.cache(entry.id, loaded)
-        self.predictor.current = loaded
         return loaded
 
-    def answer(self, entry: StoredVolume, question: str, max_new_tokens: int) -> Answer:
-        self.ensure_loaded(entry)
-        return self.predictor.ask(question, max_new_tokens=max_new_tokens)
+    def answer_batch(self, jobs: list[AnswerJob]) -> list[Answer | Exception]:
+        """Answer ``jobs`` in one batched generation.
 
-    def stream_answer(
-        self, entry: StoredVolume, question: str, max_new_tokens: int, emit: Callable[[str, Any], None]
-    ) -> None:
-        """Emit ('piece', text) as the answer grows, then ('answer', dict) or ('error', dict)."""
+        A job whose upload is gone or unreadable, or whose question cannot be asked, gets its own error
+        and stays out of the batch; a failure of the generation itself (e.g. out of memory) is every
+        batched job's.
+        """
+        prepared = [self._question(job) for job in jobs]
+        ready = [q for q in prepared if isinstance(q, Question)]
         try:
-            self.ensure_loaded(entry)
-            stream = self.predictor.stream_answer(question, max_new_tokens=max_new_tokens)
-            while True:
-                try:
-                    emit("piece", {"text": next(stream)})
-                except StopIteration as done:
-                    answer: Answer = done.value
-                    break
-            emit("answer", answer.to_dict())
-        except UnknownVolume as err:
-            emit("error", {"error": unknown_message(err)})
-        except Med2E3Error as err:
-            emit("error", {"error": public_message(err, entry.label)})
-        except torch.OutOfMemoryError:
-            emit("error", {"error": OOM_MESSAGE})
-        except Exception:
-            log.exception("streamed answer failed")
-            emit("error", {"error": "internal error while answering (see the server log)"})
+            answers = iter(self.predictor.ask_batch(ready) if ready else [])
+        except Exception as err:
+            answers = iter([err] * len(ready))
+        return [p if isinstance(p, Exception) else next(answers) for p in prepared]
+
+    def _question(self, job: AnswerJob) -> Question | Exception:
+        try:
+            self.predictor.check_question(job.question)
+            loaded = self.ensure_loaded(job.entry)
+        except Exception as err:  # this job's error alone
+            return err
+        return Question(loaded, job.question, max_new_tokens=job.max_new_tokens, on_text=job.on_text)
 
     # -- helpers for routes --
     def entry(self, vid: str) -> StoredVolume:
@@ -207,14 +214,19 @@ class ServerState:
             raise InputError(f"max_new_tokens: {requested} is more than this server's limit of {limit}")
         return requested or limit
 
-    async def model_call(self, entry: StoredVolume, fn: Callable[..., Any], *args: Any) -> Any:
+    def submit(self, job: AnswerJob) -> Future[Answer]:
+        """Queue a question to be answered with the others waiting (QueueFull now if the queue is full)."""
+        return self.queue.submit_batched(self.answer_batch, job)
+
+    async def answer(self, entry: StoredVolume, question: str, max_new_tokens: int) -> Answer:
         try:
-            return await self.queue.run(fn, entry, *args)
+            return await self.queue.wait(self.submit(AnswerJob(entry, question, max_new_tokens)))
         except VolumeError as err:
             raise refused(entry.label, err) from None
 
     def open_stream(self, entry: StoredVolume, question: str, max_new_tokens: int) -> StreamingResponse:
-        """Queue a streamed answer (503 now if the queue is full) and return its server-sent events."""
+        """Queue a streamed answer (503 now if the queue is full) and return its server-sent events:
+        ('piece', text) as the answer grows, then ('answer', dict) or ('error', dict)."""
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
         gone = threading.Event()
@@ -224,7 +236,9 @@ class ServerState:
                 with contextlib.suppress(RuntimeError):  # the loop closed (shutdown)
                     loop.call_soon_threadsafe(events.put_nowait, (kind, data))
 
-        future = self.queue.submit(self.stream_answer, entry, question, max_new_tokens, emit)
+        job = AnswerJob(entry, question, max_new_tokens, on_text=lambda text: emit("piece", {"text": text}))
+        future = self.submit(job)
+        future.add_done_callback(lambda done: done.cancelled() or emit(*final_event(done, entry.label)))
         timeout = self.settings.request_timeout_s
 
         async def body() -> AsyncIterator[str]:
@@ -250,6 +264,21 @@ class ServerState:
 
 
 OOM_MESSAGE = "the model ran out of memory on this request; try again later or with a smaller volume"
+
+
+def final_event(done: Future[Answer], label: str) -> tuple[str, dict[str, Any]]:
+    """The last server-sent event of a streamed answer: ('answer', the answer) or ('error', why)."""
+    err = done.exception()
+    if err is None:
+        return "answer", done.result().to_dict()
+    if isinstance(err, UnknownVolume):
+        return "error", {"error": unknown_message(err)}
+    if isinstance(err, Med2E3Error):
+        return "error", {"error": public_message(err, label)}
+    if isinstance(err, torch.OutOfMemoryError):
+        return "error", {"error": OOM_MESSAGE}
+    log.error("streamed answer failed", exc_info=err)
+    return "error", {"error": "internal error while answering (see the server log)"}
 
 
 def unknown_message(err: UnknownVolume) -> str:
@@ -514,7 +543,7 @@ def _add_routes(app: FastAPI, server: ServerState) -> None:
         entry = server.entry(vid)
         n = server.tokens(body.max_new_tokens, settings.max_new_tokens)
         server.predictor.check_question(body.question)
-        answer = await server.model_call(entry, server.answer, body.question, n)
+        answer = await server.answer(entry, body.question, n)
         return answer.to_dict()
 
     @app.post("/api/volumes/{vid}/report", response_model=AnswerOut, responses=ERRORS, tags=["questions"])
@@ -522,7 +551,7 @@ def _add_routes(app: FastAPI, server: ServerState) -> None:
         """Write a findings report for an upload."""
         entry = server.entry(vid)
         n = server.tokens(body and body.max_new_tokens, settings.report_max_new_tokens)
-        answer = await server.model_call(entry, server.answer, REPORT_INSTRUCTIONS[0], n)
+        answer = await server.answer(entry, REPORT_INSTRUCTIONS[0], n)
         return answer.to_dict()
 
     stream_doc = {

@@ -73,6 +73,15 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
         "--max-waiting", type=int, default=4, help="model requests that may wait; more get 503 (default 4)"
     )
     p.add_argument(
+        "--max-batch",
+        type=int,
+        default=8,
+        help="most waiting questions answered together in one batched generation; 1: one at a time (default 8)",
+    )
+    p.add_argument(
+        "--max-loaded", type=int, default=4, help="encoded volumes kept in memory; others are encoded again (default 4)"
+    )
+    p.add_argument(
         "--timeout", type=float, default=300, help="seconds a model request may take (default 300)"
     )
     p.add_argument("--max-new-tokens", type=int, default=64, help="answer length limit (default 64)")
@@ -92,6 +101,8 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
         ttl_s=args.ttl,
         sweep_interval_s=min(60.0, max(1.0, args.ttl / 4)),
         max_waiting=args.max_waiting,
+        max_batch=args.max_batch,
+        max_loaded=args.max_loaded,
         request_timeout_s=args.timeout,
         max_new_tokens=args.max_new_tokens,
         report_max_new_tokens=args.report_max_new_tokens,

@@ -53,7 +53,7 @@ class LoadResult:
         }
 
 
-def percentiles(values: Sequence[float], qs: Sequence[int] = (50, 90, 99)) -> dict[str, float | None]:
+def percentiles(values: Sequence[float], qs: Sequence[int] = (50, 90, 95, 99)) -> dict[str, float | None]:
     if not values:
         return {f"p{q}": None for q in qs}
     return {f"p{q}": round(float(np.percentile(values, q)), 4) for q in qs}
@@ -123,29 +123,34 @@ def check_answer(status: int, raw: bytes, n_slices: int) -> str | None:
 
 def run_load(
     base_url: str,
-    volume_id: str,
+    volume_id: str | Sequence[str],
     clients: int = 4,
     requests_per_client: int = 20,
-    question: str = "Which organ shows an abnormality?",
+    question: str | Sequence[str] = "Which organ shows an abnormality?",
     n_slices: int = 32,
     time_limit_s: float = 120.0,
     backoff_s: float = 0.1,
     token: str | None = None,
 ) -> LoadResult:
-    """``clients`` threads each ask ``requests_per_client`` questions (stopping at ``time_limit_s``)."""
+    """``clients`` threads each ask ``requests_per_client`` questions (stopping at ``time_limit_s``).
+
+    Given several volume ids or questions, request ``k`` of all asks about the ``k``-th of each, in turn.
+    """
+    volume_ids = [volume_id] if isinstance(volume_id, str) else list(volume_id)
+    questions = [question] if isinstance(question, str) else list(question)
     result = LoadResult()
     lock = threading.Lock()
     deadline = time.monotonic() + time_limit_s
 
-    def worker() -> None:
+    def worker(first: int) -> None:
         client = Client(base_url, token)
         try:
-            for _ in range(requests_per_client):
+            for k in range(first, first + requests_per_client):
                 if time.monotonic() > deadline:
                     return
                 start = time.perf_counter()
                 try:
-                    status, raw = client.ask(volume_id, question)
+                    status, raw = client.ask(volume_ids[k % len(volume_ids)], questions[k % len(questions)])
                     outcome = Outcome(
                         status, time.perf_counter() - start, check_answer(status, raw, n_slices)
                     )
@@ -159,7 +164,9 @@ def run_load(
             client.close()
 
     started = time.perf_counter()
-    threads = [threading.Thread(target=worker, daemon=True) for _ in range(clients)]
+    threads = [
+        threading.Thread(target=worker, args=(i * requests_per_client,), daemon=True) for i in range(clients)
+    ]
     for thread in threads:
         thread.start()
     for thread in threads:

@@ -29,6 +29,8 @@ class ServerSettings:
         max_disk_bytes: most bytes of uploads kept on disk (the least recently used goes first).
         max_loaded: most encoded volumes kept in memory (LRU); others are re-encoded on use.
         max_waiting: model requests allowed to wait behind the running one; more get 503.
+        max_batch: most questions answered together in one batched generation: those waiting when
+            the model gets to them (so at most ``1 + max_waiting``); 1 answers one at a time.
         max_uploads: uploads received at the same time; more get 503.
         request_timeout_s: a model request (queue wait + run) taking longer gets 504.
         max_new_tokens: answer length limit (default and maximum a request may ask for).
@@ -47,6 +49,7 @@ class ServerSettings:
     max_disk_bytes: int = 4096 * MB
     max_loaded: int = 4
     max_waiting: int = 4
+    max_batch: int = 8
     max_uploads: int = 2
     request_timeout_s: float = 300.0
     max_new_tokens: int = 64
@@ -70,6 +73,7 @@ class ServerSettings:
             "max_disk_bytes",
             "max_loaded",
             "max_uploads",
+            "max_batch",
             "request_timeout_s",
             "max_new_tokens",
             "report_max_new_tokens",
