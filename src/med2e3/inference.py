@@ -329,7 +329,9 @@ class Med2E3Predictor:
         return kwargs
 
     @torch.no_grad()
-    def ask_batch(self, questions: Sequence[Question], do_sample: bool = False, **sampling: Any) -> list[Answer]:
+    def ask_batch(
+        self, questions: Sequence[Question], do_sample: bool = False, **sampling: Any
+    ) -> list[Answer]:
         """Answer questions about any loaded volumes (the same or different ones) in one batched generation.
 
         Each question has its own volume, answer length and optional ``on_text`` callback, which gets the

@@ -18,7 +18,9 @@ def batch_sizes(predictor, monkeypatch) -> list[int]:
     """The number of questions of every `ask_batch` call the server makes."""
     sizes: list[int] = []
     original = predictor.ask_batch
-    monkeypatch.setattr(predictor, "ask_batch", lambda qs, *a, **kw: sizes.append(len(qs)) or original(qs, *a, **kw))
+    monkeypatch.setattr(
+        predictor, "ask_batch", lambda qs, *a, **kw: sizes.append(len(qs)) or original(qs, *a, **kw)
+    )
     return sizes
 
 
@@ -31,8 +33,10 @@ def _send(client, path: str, vid: str, body: dict) -> tuple[int, dict]:
         if response.status_code != 200:
             return response.status_code, json.loads(response.read())
         blocks = response.read().decode().strip().split("\n\n")
-    events = [(head.removeprefix("event: "), json.loads(data.removeprefix("data: "))) for head, data in
-              (block.split("\n", 1) for block in blocks)]
+    events = [
+        (head.removeprefix("event: "), json.loads(data.removeprefix("data: ")))
+        for head, data in (block.split("\n", 1) for block in blocks)
+    ]
     kind, final = events[-1]
     pieces = "".join(data["text"] for k, data in events[:-1] if k == "piece")
     return (200 if kind == "answer" else 0), {**final, "streamed": pieces}
@@ -97,7 +101,9 @@ def test_batches_are_limited(make_client, batch_sizes, max_batch: int, sizes: li
     """At most max_batch questions per generation, in order of arrival; max_batch=1 is one at a time."""
     client = make_client(max_batch=max_batch, max_waiting=8)
     vid = upload(client, npy_bytes()).json()["id"]
-    asks: list[Request] = [("ask", vid, {"question": f"Question {i}?", "max_new_tokens": 2}) for i in range(7)]
+    asks: list[Request] = [
+        ("ask", vid, {"question": f"Question {i}?", "max_new_tokens": 2}) for i in range(7)
+    ]
     results = _while_busy(client, asks, queued=7)
     assert [status for status, _ in results] == [200] * 7
     assert [body["question"] for _, body in results] == [f"Question {i}?" for i in range(7)]

@@ -79,7 +79,10 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
         help="most waiting questions answered together in one batched generation; 1: one at a time (default 8)",
     )
     p.add_argument(
-        "--max-loaded", type=int, default=4, help="encoded volumes kept in memory; others are encoded again (default 4)"
+        "--max-loaded",
+        type=int,
+        default=4,
+        help="encoded volumes kept in memory; others are encoded again (default 4)",
     )
     p.add_argument(
         "--timeout", type=float, default=300, help="seconds a model request may take (default 300)"
