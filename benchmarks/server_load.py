@@ -36,9 +36,9 @@ def tiny_model(folder: Path) -> Path:
     return folder
 
 
-def volume_bytes(shape: tuple[int, ...] = (1, 64, 128, 128)) -> bytes:
+def volume_bytes(shape: tuple[int, ...] = (1, 64, 128, 128), seed: int = 0) -> bytes:
     buffer = io.BytesIO()
-    np.save(buffer, np.random.default_rng(0).uniform(0, 1, shape).astype(np.float32))
+    np.save(buffer, np.random.default_rng(seed).uniform(0, 1, shape).astype(np.float32))
     return buffer.getvalue()
 
 

@@ -98,3 +98,32 @@ def test_gpu_script_dry_run_on_cpu(bench_modules, capsys):
     assert "flops" in out["encode_plus_prefill"][0] and "achieved_tflops" in out["train_step"][0]
     gpu_paper.main([*DRY_RUN, "--only", "questions", "--time-limit", "5"])
     assert "skipped" in records(capsys)["questions"][0]
+
+
+def test_server_batch_benchmark_compares_the_servers(bench_modules, capsys):
+    """Two server processes, smallest load: both answer everything, and their answers agree."""
+    from benchmarks import server_batch
+
+    server_batch.main(
+        [
+            "--clients",
+            "1,3",
+            "--questions",
+            "3",
+            "--volumes",
+            "2",
+            "--max-new-tokens",
+            "2",
+            "--max-batch",
+            "4",
+        ]
+    )
+    out = records(capsys)
+    agreement = out["agreement"][0]
+    assert agreement["answers_equal"] is True and agreement["max_score_abs_diff"] < 1e-5
+    loads = {(r["max_batch"], r["clients"]): r for r in out["load"]}
+    assert set(loads) == {(size, clients) for size in (1, 4) for clients in (1, 3)}
+    for record in loads.values():
+        assert record["status"] == {"200": 3} and record["problems"] == []
+        assert record["questions_per_s"] > 0 and record["latency_p50_s"] <= record["latency_p95_s"]
+    assert [r["clients"] for r in out["compare"]] == [1, 3]
