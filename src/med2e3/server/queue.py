@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 T = TypeVar("T")
-I = TypeVar("I")  # noqa: E741 (an item of a batch)
+ItemT = TypeVar("ItemT")  # an item of a batch
 
 #: Runs a batch of items as one model call: one result per item, or the exception for that item alone.
 BatchFn = Callable[[list[Any]], Sequence[Any]]
@@ -68,7 +68,9 @@ class ModelQueue:
         future.add_done_callback(self._release)
         return future
 
-    def submit_batched(self, run: Callable[[list[I]], Sequence[T | BaseException]], item: I) -> Future[T]:
+    def submit_batched(
+        self, run: Callable[[list[ItemT]], Sequence[T | BaseException]], item: ItemT
+    ) -> Future[T]:
         """Queue ``item`` for ``run``, which answers it together with the other items waiting for ``run``
         when the worker gets to them (at most ``max_batch`` per call, in order of arrival).
 
