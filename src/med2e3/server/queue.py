@@ -1,4 +1,4 @@
-"""One model, one worker thread, a bounded waiting line, batches of waiting requests and a deadline per request."""
+"""One model, one worker thread, a bounded waiting line (batched where asked) and a deadline per request."""
 
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ class QueueTimeout(TimeoutError):
 
 
 @dataclass
-class _Item:
+class _Waiting:
     run: BatchFn
     item: Any
     future: Future
@@ -48,7 +48,7 @@ class ModelQueue:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="med2e3-model")
         self._lock = threading.Lock()
         self._pending = 0
-        self._batchable: deque[_Item] = deque()
+        self._batchable: deque[_Waiting] = deque()
 
     @property
     def pending(self) -> int:
@@ -83,14 +83,14 @@ class ModelQueue:
         with self._lock:
             self.check_room()
             self._pending += 1
-            self._batchable.append(_Item(run, item, future))
+            self._batchable.append(_Waiting(run, item, future))
         future.add_done_callback(self._release)
         self._executor.submit(self._run_batch)
         return future
 
     def _run_batch(self) -> None:
         """Run the waiting items that share the first one's function (none left: an earlier batch took them)."""
-        batch: list[_Item] = []
+        batch: list[_Waiting] = []
         while len(batch) < self.max_batch:
             with self._lock:
                 if not self._batchable or (batch and self._batchable[0].run != batch[0].run):
