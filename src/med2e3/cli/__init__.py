@@ -12,6 +12,7 @@ import sys
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from datetime import timedelta
 
 from med2e3.cli.evaluation import register_ablation, register_eval
 from med2e3.errors import Med2E3Error
@@ -19,6 +20,7 @@ from med2e3.server import register as register_server
 
 EXIT_USAGE = 2
 EXIT_ROWS_FAILED = 1  # batch: the run finished, but some rows have an error instead of an answer
+BATCH_WAIT = timedelta(hours=24)  # batch: how long a process that has answered its share waits for the others
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -45,12 +47,12 @@ def _synth(args: argparse.Namespace) -> int:
     return 0
 
 
-def _predictor(args: argparse.Namespace):
+def _predictor(args: argparse.Namespace, device: str | None = None):
     from med2e3.inference import Med2E3Predictor
 
     return Med2E3Predictor.from_pretrained(
         args.model,
-        device=args.device,
+        device=device or args.device,
         window=args.window,
         orientation=args.orientation,
         compile=args.compile,
@@ -97,10 +99,19 @@ def _ask(args: argparse.Namespace) -> int:
 
 
 def _batch(args: argparse.Namespace) -> int:
+    from accelerate import PartialState
+
     from med2e3.inference import read_batch_input
 
+    # Under torchrun / accelerate launch: one process per GPU (or CPU share); alone: a no-op state.
+    processes = PartialState(cpu=args.device == "cpu", timeout=BATCH_WAIT)
+    device = str(processes.device) if args.device in (None, "cuda") else args.device
     rows = read_batch_input(args.input)
-    result = _predictor(args).run_batch(rows, args.out, max_new_tokens=args.max_new_tokens)
+    result = _predictor(args, device).run_batch(
+        rows, args.out, max_new_tokens=args.max_new_tokens, processes=processes
+    )
+    if not processes.is_main_process:
+        return EXIT_ROWS_FAILED if result.failed else 0
     print(
         f"{result.answered} answers written to {args.out} ({result.already_done} were already there); "
         f"{result.failed} of {len(rows)} rows failed"
@@ -233,7 +244,10 @@ def build_parser() -> argparse.ArgumentParser:
         "answer a CSV/JSONL of (volume, question) rows into a JSONL, resumably",
         "med2e3 batch questions.csv --model runs/demo/finetune --out answers.jsonl\n"
         "A row whose volume or question cannot be used gets a line with its 'error' and the run goes on;\n"
-        "the exit status is then 1. Rows without an id are matched by volume and question on a rerun.",
+        "the exit status is then 1. Rows without an id are matched by volume and question on a rerun.\n"
+        "On N GPUs (or CPU processes), each answering whole volumes into OUT.part-RANK-of-N, merged at the end:\n"
+        "  torchrun --nproc-per-node N -m med2e3.cli batch questions.csv --model MODEL --out answers.jsonl\n"
+        "  accelerate launch --multi-gpu --num-processes N -m med2e3.cli batch questions.csv --model MODEL --out answers.jsonl",
         _batch,
     )
     p.add_argument("input", help="CSV or JSONL with volume, question[, id, prompt]; paths relative to it")
