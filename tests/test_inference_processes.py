@@ -146,11 +146,11 @@ def test_one_process_resumes_the_parts_of_a_dead_multi_process_run(
 
 
 def torchrun(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    """Run ``args`` in 2 processes on CPU (gloo) with torchrun, on a free port."""
+    """Run ``args`` in 2 processes on CPU (gloo, CUDA hidden) with torchrun, on a free port."""
     with socket.socket() as probe:  # a free port: two test runs at once must not collide
         probe.bind(("127.0.0.1", 0))
         port = str(probe.getsockname()[1])
-    env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     command = [str(TORCHRUN), "--nproc-per-node", "2", "--master-port", port, *args]
     return subprocess.run(command, env=env, cwd=cwd, capture_output=True, text=True, timeout=300)
 
@@ -160,10 +160,18 @@ def test_two_processes_resume_after_one_dies_and_match_one_process(
     tiny_model_dir, rows_file, reference, tmp_path
 ):
     out = tmp_path / "answers.jsonl"
-    batch = ["batch", str(rows_file), "--model", str(tiny_model_dir), "--out", str(out), "--device", "cpu"]
-    batch += ["--max-new-tokens", "4"]
+    batch = [
+        "batch",
+        str(rows_file),
+        "--model",
+        str(tiny_model_dir),
+        "--out",
+        str(out),
+        "--max-new-tokens",
+        "4",
+    ]
     (tmp_path / "dies.py").write_text(DIES)
-    died = torchrun(["dies.py", *batch], tmp_path)
+    died = torchrun(["dies.py", *batch, "--device", "cpu"], tmp_path)
     assert died.returncode != 0
     parts = sorted(tmp_path.glob("answers.jsonl.part-*"))
     assert [p.name for p in parts] == ["answers.jsonl.part-0-of-2", "answers.jsonl.part-1-of-2"]
@@ -171,7 +179,7 @@ def test_two_processes_resume_after_one_dies_and_match_one_process(
     kept = {row_id for p in parts for row_id in answered_in(p)}
     assert len(kept) >= 2  # at least process 1's first volume
 
-    resumed = torchrun(["-m", "med2e3.cli", *batch], tmp_path)
+    resumed = torchrun(["-m", "med2e3.cli", *batch], tmp_path)  # no --device: the default, without CUDA
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     total = sum(ROWS_PER_VOLUME)
     assert f"{total - len(kept)} answers written to {out} ({len(kept)} were already there)" in resumed.stdout

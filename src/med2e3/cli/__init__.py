@@ -8,6 +8,7 @@ The subcommands of a group with many options have a module of their own: ``eval`
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -15,7 +16,7 @@ from contextlib import contextmanager
 from datetime import timedelta
 
 from med2e3.cli.evaluation import register_ablation, register_eval
-from med2e3.errors import Med2E3Error
+from med2e3.errors import ConfigError, Med2E3Error
 from med2e3.server import register as register_server
 
 EXIT_USAGE = 2
@@ -98,13 +99,29 @@ def _ask(args: argparse.Namespace) -> int:
     return 0
 
 
-def _batch(args: argparse.Namespace) -> int:
+def _batch_processes(device: str | None):
+    """The processes sharing this batch: one per GPU (or CPU share) under torchrun / accelerate launch.
+
+    Alone, a state of one process. The process count is checked against the launcher's ``WORLD_SIZE``:
+    a process that thought itself alone would answer every row, as would all the others.
+    """
+    import torch
     from accelerate import PartialState
 
+    cpu = device == "cpu" or not torch.cuda.is_available()  # else Accelerate on CPU sees one process
+    processes = PartialState(cpu=cpu, timeout=BATCH_WAIT)
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if processes.num_processes != launched:
+        raise ConfigError(
+            f"launched as {launched} processes (WORLD_SIZE) but Accelerate sees {processes.num_processes}"
+        )
+    return processes
+
+
+def _batch(args: argparse.Namespace) -> int:
     from med2e3.inference import read_batch_input
 
-    # Under torchrun / accelerate launch: one process per GPU (or CPU share); alone: a no-op state.
-    processes = PartialState(cpu=args.device == "cpu", timeout=BATCH_WAIT)
+    processes = _batch_processes(args.device)
     device = str(processes.device) if args.device in (None, "cuda") else args.device
     rows = read_batch_input(args.input)
     result = _predictor(args, device).run_batch(
