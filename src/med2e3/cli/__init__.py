@@ -262,7 +262,8 @@ def build_parser() -> argparse.ArgumentParser:
         "med2e3 batch questions.csv --model runs/demo/finetune --out answers.jsonl\n"
         "A row whose volume or question cannot be used gets a line with its 'error' and the run goes on;\n"
         "the exit status is then 1. Rows without an id are matched by volume and question on a rerun.\n"
-        "On N GPUs (or CPU processes), each answering whole volumes into OUT.part-RANK-of-N, merged at the end:\n"
+        "On N GPUs (process RANK on cuda:LOCAL_RANK) or CPU processes, each answering whole volumes into\n"
+        "OUT.part-RANK-of-N, merged into OUT at the end; a rerun with any number of processes resumes:\n"
         "  torchrun --nproc-per-node N -m med2e3.cli batch questions.csv --model MODEL --out answers.jsonl\n"
         "  accelerate launch --multi-gpu --num-processes N -m med2e3.cli batch questions.csv --model MODEL --out answers.jsonl",
         _batch,
