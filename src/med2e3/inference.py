@@ -7,6 +7,7 @@ once; each question then runs only the question encoder, TG-IS and the LLM.
 from __future__ import annotations
 
 import csv
+import glob
 import hashlib
 import io
 import json
@@ -24,6 +25,8 @@ from typing import Any
 
 import numpy as np
 import torch
+from accelerate import PartialState
+from accelerate.utils import gather_object
 from tqdm.auto import tqdm
 from transformers import StoppingCriteria, StoppingCriteriaList, TextStreamer
 from transformers.generation.streamers import BaseStreamer
@@ -467,6 +470,7 @@ class Med2E3Predictor:
         max_new_tokens: int = 64,
         progress: bool = True,
         chunk_size: int = 16,
+        processes: PartialState | None = None,
     ) -> BatchResult:
         """Answer (volume, question) rows into a JSONL, one line per row, resuming an interrupted run.
 
@@ -476,17 +480,47 @@ class Med2E3Predictor:
         while the current one is answered. A row whose volume or question is unusable gets a line with its
         ``error`` instead of an answer, and the run goes on. Answered lines already in ``out_path`` are kept
         and their ids skipped; failed ones are tried again.
+
+        ``processes``: the processes of a ``torchrun`` / ``accelerate launch`` run sharing this batch
+        (Accelerate's `PartialState`; every process calls this with the same rows). Each answers whole
+        volumes, a share balanced by rows (`shard_by_volume`), into its own part file beside ``out_path``
+        (`part_path`); at the end the main process merges the parts into ``out_path`` (`merge_parts`), and
+        every process returns the totals. A process that finishes early waits for the others for up to the
+        process group's timeout. Part files left by a run that died are merged first, so whatever it
+        answered is kept, with any number of processes, and nothing is answered twice.
         """
         out_path = Path(out_path)
+        rank, world = (processes.process_index, processes.num_processes) if processes else (0, 1)
+        if rank == 0:
+            merge_parts(out_path)
+            completed_ids(out_path)  # tidies the file once, so that the other processes only read it
+        _wait_for_everyone(processes)
         done = completed_ids(out_path)
         todo = [r for r in rows if r["id"] not in done]
+        result = BatchResult(answered=0, failed=0, already_done=len(rows) - len(todo))
+        target = out_path if world == 1 else part_path(out_path, rank, world)
+        mine = shard_by_volume(todo, world)[rank]
+        desc = "answering" if world == 1 else f"answering (process {rank} of {world})"
+        with tqdm(total=len(mine), disable=not progress or rank != 0, desc=desc, unit="q") as bar:
+            for records in self._answer_into(target, mine, max_new_tokens, chunk_size):
+                result.count(records)
+                bar.update(len(records))
+        if world == 1:
+            return result
+        _wait_for_everyone(processes)
+        if rank == 0:
+            merge_parts(out_path)
+        return BatchResult.total(gather_object([result]))  # also waits for the merge
+
+    def _answer_into(
+        self, out_path: Path, rows: list[dict[str, str]], max_new_tokens: int, chunk_size: int
+    ) -> Iterator[list[dict[str, Any]]]:
+        """Answer ``rows`` volume by volume, appending each chunk's lines to ``out_path``; yield each chunk."""
         by_volume: dict[str, list[dict[str, str]]] = {}
-        for row in todo:
+        for row in rows:
             by_volume.setdefault(row["volume"], []).append(row)
         volumes = list(by_volume)
-        result = BatchResult(answered=0, failed=0, already_done=len(rows) - len(todo))
         out_path.parent.mkdir(parents=True, exist_ok=True)
-        bar = tqdm(total=len(todo), disable=not progress, desc="answering", unit="q")
         with out_path.open("a", encoding="utf-8") as out, ThreadPoolExecutor(max_workers=1) as reader:
             ahead = reader.submit(self._prepare, volumes[0]) if volumes else None
             for i, volume in enumerate(volumes):
@@ -504,10 +538,7 @@ class Med2E3Predictor:
                     )
                 for records in chunks:
                     _append_lines(out, records)
-                    result.count(records)
-                    bar.update(len(records))
-        bar.close()
-        return result
+                    yield records
 
     def _answer_rows(
         self, rows: list[dict[str, str]], volume: str, max_new_tokens: int
@@ -539,6 +570,16 @@ class BatchResult:
         self.failed += failed
         self.answered += len(records) - failed
 
+    @classmethod
+    def total(cls, shares: Sequence[BatchResult]) -> BatchResult:
+        """The result of a multi-process run from its processes' results (each saw the same earlier rows)."""
+        return cls(sum(r.answered for r in shares), sum(r.failed for r in shares), shares[0].already_done)
+
+
+def _wait_for_everyone(processes: PartialState | None) -> None:
+    if processes is not None:
+        processes.wait_for_everyone()
+
 
 def _failure(row: dict[str, str], volume: str, err: Exception) -> dict[str, Any]:
     return {"id": row["id"], "volume": volume, "question": row["question"], "error": str(err)}
@@ -549,6 +590,53 @@ def _append_lines(out: Any, records: Sequence[dict[str, Any]]) -> None:
     out.write("".join(json.dumps(r) + "\n" for r in records))
     out.flush()
     os.fsync(out.fileno())
+
+
+def shard_by_volume(rows: Sequence[dict[str, str]], n: int) -> list[list[dict[str, str]]]:
+    """Split ``rows`` into ``n`` shares of whole volumes, balanced by row count, the same in every process.
+
+    Volumes with more rows are placed first, each in the share with the fewest rows so far (the lowest
+    index on a tie); within a share rows keep their input order.
+    """
+    by_volume: dict[str, list[int]] = {}
+    for i, row in enumerate(rows):
+        by_volume.setdefault(row["volume"], []).append(i)
+    shares: list[list[int]] = [[] for _ in range(n)]
+    for indices in sorted(by_volume.values(), key=len, reverse=True):  # stable: ties keep input order
+        min(shares, key=len).extend(indices)
+    return [[rows[i] for i in sorted(share)] for share in shares]
+
+
+def part_path(out_path: Path, rank: int, world: int) -> Path:
+    """The file process ``rank`` of ``world`` appends its answers to, beside the output."""
+    return out_path.with_name(f"{out_path.name}.part-{rank}-of-{world}")
+
+
+def _part_files(out_path: Path) -> list[Path]:
+    return sorted(out_path.parent.glob(glob.escape(out_path.name) + ".part-*-of-*"))
+
+
+def merge_parts(out_path: Path) -> None:
+    """Move the lines of the part files of a multi-process run into ``out_path``, each id once.
+
+    An answered line wins over an error line for the same id; among lines of one kind the last wins
+    (``out_path`` first, then the parts), at the place its id first appeared. A torn last line of a part
+    (its process died mid-write) is dropped: that row is answered again. ``out_path`` is replaced in one
+    step and only then are the parts removed, so a crash at any point loses no line, and merging again
+    gives the same file.
+    """
+    parts = _part_files(out_path)
+    if not parts:
+        return
+    lines: dict[str, tuple[bytes, bool]] = {}  # id -> (line, answered)
+    for path in [out_path, *parts]:
+        for raw, row in _answer_lines(path):
+            answered = "error" not in row
+            if answered or not lines.get(row["id"], (b"", False))[1]:
+                lines[row["id"]] = (raw, answered)
+    write_atomic(out_path, b"".join(raw for raw, _ in lines.values()))
+    for path in parts:
+        path.unlink()
 
 
 def completed_ids(path: Path) -> set[str]:
@@ -562,10 +650,23 @@ def completed_ids(path: Path) -> set[str]:
     """
     if not path.is_file():
         return set()
-    ids: set[str] = set()
-    data = path.read_bytes()
-    lines = data.splitlines(keepends=True)
-    kept: list[bytes] = []
+    kept = [(raw, row) for raw, row in _answer_lines(path) if "error" not in row]
+    data = b"".join(raw for raw, _ in kept)
+    if data != path.read_bytes():
+        write_atomic(path, data)
+    return {row["id"] for _, row in kept}
+
+
+def _answer_lines(path: Path) -> list[tuple[bytes, dict[str, Any]]]:
+    """The lines of a batch output (each ending with a newline) with their rows; none when there is no file.
+
+    A torn last line (no newline, not JSON) is left out; any other line that is not an answer line, except
+    a blank one, raises DatasetError naming the file and line.
+    """
+    if not path.is_file():
+        return []
+    lines = path.read_bytes().splitlines(keepends=True)
+    parsed: list[tuple[bytes, dict[str, Any]]] = []
     for number, raw in enumerate(lines, start=1):
         row = _answer_line(raw)
         if row is None and number == len(lines) and not raw.endswith(b"\n"):  # torn by a crash mid-write
@@ -574,14 +675,9 @@ def completed_ids(path: Path) -> set[str]:
             raise DatasetError(
                 path, "not an answer line (a JSON object with a string 'id'); fix or remove it", row=number
             )
-        if row is not None and "error" in row:
-            continue
         if row is not None:
-            ids.add(row["id"])
-        kept.append(raw if raw.endswith(b"\n") else raw + b"\n")
-    if b"".join(kept) != data:
-        write_atomic(path, b"".join(kept))
-    return ids
+            parsed.append((raw if raw.endswith(b"\n") else raw + b"\n", row))
+    return parsed
 
 
 def _answer_line(raw: bytes) -> dict[str, Any] | None:

@@ -8,17 +8,20 @@ The subcommands of a group with many options have a module of their own: ``eval`
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from datetime import timedelta
 
 from med2e3.cli.evaluation import register_ablation, register_eval
-from med2e3.errors import Med2E3Error
+from med2e3.errors import ConfigError, Med2E3Error
 from med2e3.server import register as register_server
 
 EXIT_USAGE = 2
 EXIT_ROWS_FAILED = 1  # batch: the run finished, but some rows have an error instead of an answer
+BATCH_WAIT = timedelta(hours=24)  # batch: how long a process that has answered its share waits for the others
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -45,12 +48,12 @@ def _synth(args: argparse.Namespace) -> int:
     return 0
 
 
-def _predictor(args: argparse.Namespace):
+def _predictor(args: argparse.Namespace, device: str | None = None):
     from med2e3.inference import Med2E3Predictor
 
     return Med2E3Predictor.from_pretrained(
         args.model,
-        device=args.device,
+        device=device or args.device,
         window=args.window,
         orientation=args.orientation,
         compile=args.compile,
@@ -96,11 +99,36 @@ def _ask(args: argparse.Namespace) -> int:
     return 0
 
 
+def _batch_processes(device: str | None):
+    """The processes sharing this batch: one per GPU (or CPU share) under torchrun / accelerate launch.
+
+    Alone, a state of one process. The process count is checked against the launcher's ``WORLD_SIZE``:
+    a process that thought itself alone would answer every row, as would all the others.
+    """
+    import torch
+    from accelerate import PartialState
+
+    cpu = device == "cpu" or not torch.cuda.is_available()  # else Accelerate on CPU sees one process
+    processes = PartialState(cpu=cpu, timeout=BATCH_WAIT)
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if processes.num_processes != launched:
+        raise ConfigError(
+            f"launched as {launched} processes (WORLD_SIZE) but Accelerate sees {processes.num_processes}"
+        )
+    return processes
+
+
 def _batch(args: argparse.Namespace) -> int:
     from med2e3.inference import read_batch_input
 
+    processes = _batch_processes(args.device)
+    device = str(processes.device) if args.device in (None, "cuda") else args.device
     rows = read_batch_input(args.input)
-    result = _predictor(args).run_batch(rows, args.out, max_new_tokens=args.max_new_tokens)
+    result = _predictor(args, device).run_batch(
+        rows, args.out, max_new_tokens=args.max_new_tokens, processes=processes
+    )
+    if not processes.is_main_process:
+        return EXIT_ROWS_FAILED if result.failed else 0
     print(
         f"{result.answered} answers written to {args.out} ({result.already_done} were already there); "
         f"{result.failed} of {len(rows)} rows failed"
@@ -233,7 +261,11 @@ def build_parser() -> argparse.ArgumentParser:
         "answer a CSV/JSONL of (volume, question) rows into a JSONL, resumably",
         "med2e3 batch questions.csv --model runs/demo/finetune --out answers.jsonl\n"
         "A row whose volume or question cannot be used gets a line with its 'error' and the run goes on;\n"
-        "the exit status is then 1. Rows without an id are matched by volume and question on a rerun.",
+        "the exit status is then 1. Rows without an id are matched by volume and question on a rerun.\n"
+        "On N GPUs (process RANK on cuda:LOCAL_RANK) or CPU processes, each answering whole volumes into\n"
+        "OUT.part-RANK-of-N, merged into OUT at the end; a rerun with any number of processes resumes:\n"
+        "  torchrun --nproc-per-node N -m med2e3.cli batch questions.csv --model MODEL --out answers.jsonl\n"
+        "  accelerate launch --multi-gpu --num-processes N -m med2e3.cli batch questions.csv --model MODEL --out answers.jsonl",
         _batch,
     )
     p.add_argument("input", help="CSV or JSONL with volume, question[, id, prompt]; paths relative to it")
