@@ -49,6 +49,7 @@ from med2e3.data.transforms import prepare_volume, source_slice_ranges
 from med2e3.errors import DatasetError, InputError, Med2E3Error
 from med2e3.files import write_atomic
 from med2e3.folders import check_model_folder
+from med2e3.graphs import GraphedCall, pad_questions, question_buckets
 from med2e3.model import Med2E3ForConditionalGeneration, VolumeEncoding
 
 logger = logging.getLogger(__name__)
@@ -190,10 +191,17 @@ class Med2E3Predictor:
         """``window`` and ``orientation`` default to what the model was trained with (its processor);
         a different value given here is used, with a one-line notice.
 
-        ``compile``: decode with a static KV cache, which transformers compiles (`torch.compile`, CUDA
-        graphs) on CUDA. Each new number of questions per call compiles once (25-70 s for the paper
-        preset on an H200), then each token is about 7x faster (docs/performance.md): worth it for a
-        server or a long batch job, not for one question. On CPU nothing is compiled.
+        ``compile``: on CUDA, (1) the volume encoders and TG-IS (question encoder + slice scores) replay
+        from CUDA graphs (`GraphedCall`), recorded here for one volume and every question-length bucket
+        (a second or two) and on first use for each further number of questions per call; and (2) decode
+        with a static KV cache, which transformers compiles (`torch.compile`, CUDA graphs). Each new
+        number of questions per call compiles the decode once (25-70 s for the paper preset on an H200),
+        then each token is about 7x faster (docs/performance.md): worth it for a server or a long batch
+        job, not for one question. On CPU nothing is compiled or recorded: the same code runs eagerly
+        (with a static KV cache), and gives the same answers as ``compile=False``.
+
+        Questions are always padded to a few fixed lengths for TG-IS (`med2e3.graphs.question_bucket`;
+        the padding is masked, so the pooled question does not change).
 
         ``max_volume_bytes`` (default `MAX_VOLUME_BYTES`) and ``bad_slices`` are passed to
         `load_volume`. A volume whose intensities plainly are not CT numbers while ``window`` is a CT
@@ -209,6 +217,13 @@ class Med2E3Predictor:
         self.bad_slices = bad_slices
         self.current: LoadedVolume | None = None
         self._warned_window = False
+        graphs = compile and self.device.type == "cuda"
+        encoders = self._encoders
+        visual = self._visual_tokens
+        self._encoder = GraphedCall(encoders, "encode_volume") if graphs else encoders
+        self._visual = GraphedCall(visual, "visual_tokens") if graphs else visual
+        if graphs:
+            self.warm()
 
     @classmethod
     def from_pretrained(
@@ -231,6 +246,60 @@ class Med2E3Predictor:
     @property
     def device(self) -> torch.device:
         return self.model.device
+
+    # ---- the model's parts, as (graphed) functions of tensors --------------------------------------
+    def _encoders(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """(tokens3d[, slice_tokens]) of checked pixel values: `encode_volume` without its check."""
+        return self.model.encode_volume(pixel_values, check=False).to_tuple()
+
+    def _visual_tokens(
+        self,
+        tokens3d: torch.Tensor,
+        slice_tokens: torch.Tensor | None,
+        question_input_ids: torch.Tensor | None,
+        question_attention_mask: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        encoding = VolumeEncoding(tokens3d=tokens3d, slice_tokens=slice_tokens)
+        return self.model.visual_tokens(encoding, question_input_ids, question_attention_mask)
+
+    @property
+    def question_limit(self) -> int:
+        """The longest TG-IS question in tokens (the processor's limit, within the encoder's positions)."""
+        limit = self.processor.question_max_length
+        if self.model.config.slice_aggregation == "tgis":
+            limit = min(limit, self.model.config.question_encoder_config.max_position_embeddings)
+        return limit
+
+    def visual_tokens(
+        self,
+        encoding: VolumeEncoding,
+        question_input_ids: torch.Tensor | None,
+        question_attention_mask: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """`Med2E3ForConditionalGeneration.visual_tokens` with the questions padded to their length bucket
+        (and replayed from a CUDA graph with ``compile=True`` on CUDA)."""
+        if question_input_ids is not None:
+            question_input_ids, question_attention_mask = pad_questions(
+                question_input_ids,
+                question_attention_mask,
+                self.question_limit,
+                self.processor.question_tokenizer.pad_token_id,
+            )
+        return self._visual(encoding.tokens3d, encoding.slice_tokens, question_input_ids, question_attention_mask)
+
+    @torch.no_grad()
+    def warm(self) -> None:
+        """Run (and with ``compile=True`` on CUDA, record) the encoders on one volume and TG-IS on one
+        question of each length bucket, so that the first real volume and question meet ready graphs."""
+        config = self.model.config
+        volume = torch.zeros(1, *config.volume_shape, device=self.device, dtype=self.model.dtype)
+        encoding = VolumeEncoding(*self._encoder(volume))
+        if config.slice_aggregation != "tgis":
+            self.visual_tokens(encoding, None, None)
+            return
+        for length in question_buckets(self.question_limit):
+            ids = torch.zeros(1, length, dtype=torch.long, device=self.device)
+            self.visual_tokens(encoding, ids, torch.ones_like(ids))
 
     # ---- volumes ----------------------------------------------------------------------------------
     def read(self, volume: str | Path | np.ndarray | torch.Tensor | Volume) -> Volume:
@@ -264,7 +333,9 @@ class Med2E3Predictor:
     @torch.no_grad()
     def _encode(self, vol: Volume, pixel_values: torch.Tensor, ranges: list[tuple[int, int]]) -> LoadedVolume:
         pixel_values = pixel_values.to(self.device)
-        encoding = self.model.encode_volume(pixel_values.to(self.model.dtype))
+        volume = pixel_values.to(self.model.dtype)
+        self.model.check_pixel_values(volume)
+        encoding = VolumeEncoding(*self._encoder(volume))
         self.current = LoadedVolume(vol, pixel_values, encoding, ranges)
         return self.current
 
@@ -346,9 +417,15 @@ class Med2E3Predictor:
         prompt_tokens = inputs["input_ids"].shape[1]
         limits = [q.max_new_tokens for q in questions]
         callbacks = [q.on_text for q in questions]
+        image_embeds, slice_scores = self.visual_tokens(
+            VolumeEncoding.cat([q.volume.encoding for q in questions]),
+            inputs.pop("question_input_ids", None),
+            inputs.pop("question_attention_mask", None),
+        )
         out = self.model.generate(
             **inputs,
-            volume_encoding=VolumeEncoding.cat([q.volume.encoding for q in questions]),
+            image_embeds=image_embeds,
+            slice_scores=slice_scores,
             stopping_criteria=StoppingCriteriaList([_AnswerLengths(prompt_tokens, limits, self.device)]),
             streamer=_RowStreamer(self.processor.tokenizer, callbacks) if any(callbacks) else None,
             **self._generation_kwargs(prompt_tokens, max(limits), do_sample, **sampling),
@@ -455,10 +532,8 @@ class Med2E3Predictor:
         loaded = self._loaded()
         inputs = self._inputs([question])
         with torch.no_grad():
-            _, scores = self.model.get_image_features(
-                volume_encoding=loaded.encoding,
-                question_input_ids=inputs.get("question_input_ids"),
-                question_attention_mask=inputs.get("question_attention_mask"),
+            _, scores = self.visual_tokens(
+                loaded.encoding, inputs.get("question_input_ids"), inputs.get("question_attention_mask")
             )
         return None if scores is None else scores[0].float().cpu().tolist()
 

@@ -150,9 +150,13 @@ class Med2E3ForConditionalGeneration(Med2E3PreTrainedModel, GenerationMixin):
                 f"pixel_values must be in [0, 1] (preprocessed volume), got range [{lo:.3g}, {hi:.3g}]"
             )
 
-    def encode_volume(self, pixel_values: torch.Tensor) -> VolumeEncoding:
-        """Run both encoders and connectors: the part of the model that does not depend on the question."""
-        self.check_pixel_values(pixel_values)
+    def encode_volume(self, pixel_values: torch.Tensor, check: bool = True) -> VolumeEncoding:
+        """Run both encoders and connectors: the part of the model that does not depend on the question.
+
+        ``check=False`` skips `check_pixel_values` (its range check waits for the device), for a caller that
+        checked already, e.g. one replaying the encoders from a CUDA graph."""
+        if check:
+            self.check_pixel_values(pixel_values)
         config = self.config
         dtype = self.projector3d.mlp.linear_1.weight.dtype
         volume = pixel_values.to(dtype)
