@@ -17,7 +17,7 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-SMALLEST_QUESTION_BUCKET = 16  # question lengths are padded to 16, 32, 64, ... tokens, up to the encoder's limit
+SMALLEST_QUESTION_BUCKET = 16  # questions are padded to 16, 32, 64, ... tokens, up to the limit
 
 Tensors = tuple[torch.Tensor | None, ...]
 
@@ -112,7 +112,9 @@ class GraphedCall:
         except Exception as err:  # noqa: BLE001 - the call still works, without a graph
             reason = f"{type(err).__name__}: {err}".splitlines()[0][:300]
             self.failures[str(key)] = reason
-            logger.warning("%s: no CUDA graph for shapes %s, running without one (%s)", self.name, key, reason)
+            logger.warning(
+                "%s: no CUDA graph for shapes %s, running without one (%s)", self.name, key, reason
+            )
             torch.cuda.synchronize()
             return None
         return _Graph(graph, inputs, tuple(outputs))

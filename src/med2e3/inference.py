@@ -285,7 +285,9 @@ class Med2E3Predictor:
                 self.question_limit,
                 self.processor.question_tokenizer.pad_token_id,
             )
-        return self._visual(encoding.tokens3d, encoding.slice_tokens, question_input_ids, question_attention_mask)
+        return self._visual(
+            encoding.tokens3d, encoding.slice_tokens, question_input_ids, question_attention_mask
+        )
 
     @torch.no_grad()
     def warm(self) -> None:
