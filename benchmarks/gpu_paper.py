@@ -31,6 +31,8 @@ from benchmarks.common import Bench, Budget, add_common_args, command, machine_i
 # (section, seconds that must be left to start it), the targets first; estimates for an H100.
 PLAN: tuple[tuple[str, float], ...] = (
     ("equivalence", 20),
+    ("ttft", 30),
+    ("decode_batch1", 90),
     ("encoders", 20),
     ("prefill", 20),
     ("decode", 30),

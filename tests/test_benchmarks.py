@@ -127,3 +127,19 @@ def test_server_batch_benchmark_compares_the_servers(bench_modules, capsys):
         assert record["status"] == {"200": 3} and record["problems"] == []
         assert record["questions_per_s"] > 0 and record["latency_p50_s"] <= record["latency_p95_s"]
     assert [r["clients"] for r in out["compare"]] == [1, 3]
+
+
+def test_gpu_script_first_token_and_decode_sections_on_cpu(bench_modules, capsys):
+    """The issue-16 sections run, compare the default and compile=True predictors, and agree (fp32, CPU)."""
+    gpu_paper = bench_modules[2]
+    gpu_paper.main([*DRY_RUN, "--only", "ttft,decode_batch1", "--bandwidth-tbs", "1"])
+    out = records(capsys)
+    ttft = out["ttft"][0]
+    assert STATS <= ttft["default"].keys() and STATS <= ttft["compiled"].keys()
+    assert {"encode", "tgis"} <= ttft["parts"]["compiled"].keys()
+    assert ttft["same_first_token"] is True and ttft["max_score_abs_diff"] == 0.0
+    assert ttft["graphs"] is None and ttft["target_ms"] is None  # CPU: no graphs, no target
+    decode = out["decode_batch1"][0]
+    assert set(decode["variants"]) == {"dynamic", "predictor"} and decode["tokens_equal"] is True
+    assert math.isclose(decode["target_ms_per_token"], 2 * decode["bound_ms_per_token"], abs_tol=1e-3)
+    assert set(decode["target_met"]) == {"dynamic", "predictor"}

@@ -58,6 +58,11 @@ MAX_QUESTION_CHARS = 2000
 STATIC_CACHE_STEP = 256  # with compile=True, static KV caches come in multiples of this length
 
 
+def static_cache_length(tokens: int) -> int:
+    """The static KV cache length of a ``compile=True`` generation of ``tokens`` (prompt + answer)."""
+    return -(-tokens // STATIC_CACHE_STEP) * STATIC_CACHE_STEP
+
+
 @dataclass
 class Answer:
     """One answer with the TG-IS slice weights that produced it."""
@@ -397,9 +402,8 @@ class Med2E3Predictor:
             "return_dict_in_generate": True,
         }
         if self.compile:  # cache lengths in steps of STATIC_CACHE_STEP, so most calls reuse one graph
-            length = prompt_tokens + max_new_tokens
             kwargs["cache_implementation"] = "static"
-            kwargs["max_cache_len"] = -(-length // STATIC_CACHE_STEP) * STATIC_CACHE_STEP
+            kwargs["max_cache_len"] = static_cache_length(prompt_tokens + max_new_tokens)
         if do_sample:
             kwargs.update(sampling)
         return kwargs

@@ -181,8 +181,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--compile",
         action="store_true",
-        help="static KV cache + compiled decoding (CUDA): compiles once per number of questions per call "
-        "(25-70 s at paper size), then ~7x faster per token; for long batch jobs",
+        help="CUDA: encoders and TG-IS replayed from CUDA graphs (recorded at load), static KV cache + "
+        "compiled decoding (compiles once per number of questions per call, 25-70 s at paper size, then "
+        "~7x faster per token); for long batch jobs, not for one question",
     )
     p.add_argument(
         "--orientation",

@@ -50,8 +50,9 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
         "--compile",
         action=argparse.BooleanOptionalAction,
         default=None,
-        help="static KV cache + compiled decoding: the first question compiles (~30 s at paper size), "
-        "later ones decode ~7x faster (default: on with CUDA, off on CPU)",
+        help="encoders and TG-IS replayed from CUDA graphs (recorded at start), static KV cache + compiled "
+        "decoding: the first question compiles (~30 s at paper size), later ones decode ~7x faster "
+        "(default: on with CUDA, off on CPU)",
     )
     p.add_argument(
         "--window",
