@@ -198,7 +198,8 @@ class Med2E3Predictor:
 
         ``compile``: on CUDA, (1) the volume encoders and TG-IS (question encoder + slice scores) replay
         from CUDA graphs (`GraphedCall`), recorded here for one volume and every question-length bucket
-        (a second or two) and on first use for each further number of questions per call; and (2) decode
+        (no compiler involved; not yet timed on a GPU) and on first use for each further number of
+        questions per call; and (2) decode
         with a static KV cache, which transformers compiles (`torch.compile`, CUDA graphs). Each new
         number of questions per call compiles the decode once (25-70 s for the paper preset on an H200),
         then each token is about 7x faster (docs/performance.md): worth it for a server or a long batch
@@ -223,10 +224,8 @@ class Med2E3Predictor:
         self.current: LoadedVolume | None = None
         self._warned_window = False
         graphs = compile and self.device.type == "cuda"
-        encoders = self._encoders
-        visual = self._visual_tokens
-        self._encoder = GraphedCall(encoders, "encode_volume") if graphs else encoders
-        self._visual = GraphedCall(visual, "visual_tokens") if graphs else visual
+        self._encoder = GraphedCall(self._encoders, "encode_volume") if graphs else self._encoders
+        self._visual = GraphedCall(self._visual_tokens, "visual_tokens") if graphs else self._visual_tokens
         if graphs:
             self.warm()
 
