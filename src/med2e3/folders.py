@@ -8,6 +8,8 @@ from pathlib import Path
 from med2e3.errors import ConfigError
 
 MODEL_TYPE = "med2e3"
+#: How a training config names the stage-0 language model shipped with the package (`med2e3.training.letters`).
+BUNDLED_TINY_LLM = "bundled:tiny_llm"
 #: Files any one of which makes a folder hold a tokenizer (fast, SentencePiece, WordPiece, BPE vocabularies).
 TOKENIZER_VOCAB_FILES: tuple[str, ...] = ("tokenizer.json", "tokenizer.model", "vocab.txt", "vocab.json")
 
@@ -52,3 +54,52 @@ def _check_weights(file: Path) -> None:
             pass
     except (SafetensorError, OSError) as err:
         raise ConfigError(f"{file}: truncated or corrupt weights file ({err})") from None
+
+
+#: Fields of a language model's config that must equal the preset's for its weights to fit.
+_LLM_SHAPE_FIELDS: tuple[str, ...] = (
+    "model_type",
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+)
+
+
+def check_llm_folder(path: str | Path, expected: dict, role: str = "model.language_model") -> Path:
+    """Raise ConfigError unless ``path`` holds a causal LM (config + readable weights) shaped like
+    ``expected`` (a text config as a dict); the message names the file and the fields that differ."""
+    path = Path(path)
+    if not path.is_dir():
+        raise ConfigError(f"{path}: {role} does not exist")
+    config = path / "config.json"
+    try:
+        found = json.loads(config.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: not a language model folder (no config.json)") from None
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise ConfigError(f"{config}: not valid JSON") from None
+    differ = [
+        f"{key} {found.get(key)!r} (preset: {expected.get(key)!r})"
+        for key in _LLM_SHAPE_FIELDS
+        if found.get(key) != expected.get(key)
+    ]
+    if differ:
+        raise ConfigError(f"{config}: {role} does not fit the preset's LLM: {', '.join(differ)}")
+    weights = sorted(path.glob("*.safetensors"))
+    if not weights:
+        raise ConfigError(f"{path}: no weights (*.safetensors) for {role}")
+    for file in weights:
+        _check_weights(file)
+    return path
+
+
+def language_model_folder(value: str) -> Path:
+    """The folder a config's ``model.language_model`` names (`BUNDLED_TINY_LLM`: the shipped one)."""
+    if value == BUNDLED_TINY_LLM:
+        from importlib import resources
+
+        return Path(str(resources.files("med2e3").joinpath("assets/tiny_llm")))
+    return Path(value)

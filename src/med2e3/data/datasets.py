@@ -36,10 +36,11 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import warnings
 import zlib
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, get_args
@@ -179,6 +180,22 @@ class _BadRow(Exception):
 
 _RowResult = list[Example] | _BadRow
 _Rows = Callable[[], Iterator[tuple[int | str, _RowResult]]]
+
+
+CHOICES_MARK = " Choices: "
+
+
+def closed_prompt(question: str, choices: Sequence[str]) -> str:
+    """The user turn of a closed question: ``"<question> Choices: A. x B. y C. z D. w"``."""
+    listed = " ".join(f"{lt}. {c}" for lt, c in zip(ANSWER_LETTERS, choices, strict=True))
+    return f"{question}{CHOICES_MARK}{listed}"
+
+
+def closed_choices(prompt: str) -> list[str]:
+    """The option texts of a `closed_prompt`, in letter order."""
+    listed = prompt.split(CHOICES_MARK, 1)[1]
+    parts = re.split(r"(?:^| )([A-D])\. ", listed)[1:]
+    return [text.strip() for text in parts[1::2]]
 
 
 class ExampleReader(Iterable[Example]):
@@ -437,11 +454,10 @@ def read_m3d_vqa(
             letter = _need(record, "Answer Choice").upper()
             if letter not in ANSWER_LETTERS:
                 raise _BadRow("bad answer letter", f"answer choice {letter!r} is not one of A-D")
-            listed = " ".join(f"{lt}. {c}" for lt, c in zip(ANSWER_LETTERS, choices, strict=True))
             examples += _example(
                 id=f"{path.stem}-{index}-closed",
                 task="vqa_closed",
-                prompt=f"{question} Choices: {listed}",
+                prompt=closed_prompt(question, choices),
                 answer=f"{letter}. {choices[ANSWER_LETTERS.index(letter)]}",
                 answer_letter=letter,
                 **common,

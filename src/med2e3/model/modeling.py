@@ -390,11 +390,17 @@ class Med2E3ForConditionalGeneration(Med2E3PreTrainedModel, GenerationMixin):
 
     # ---- training stages --------------------------------------------------------------------------
     def set_training_stage(
-        self, stage: TrainingStage, train_vision2d: bool = True, train_question_encoder: bool = False
+        self,
+        stage: TrainingStage,
+        train_vision2d: bool = True,
+        train_question_encoder: bool = False,
+        train_vision3d: bool = False,
     ) -> list[str]:
         """Freeze everything except the parts trained in ``stage``; return the trainable parameter names.
 
-        ``train_question_encoder`` also trains the TG-IS question encoder. The release keeps it frozen (it
+        ``train_vision3d`` also trains the 3D encoder (the release keeps its pretrained M3D-CLIP ViT frozen;
+        a randomly initialised one has not learnt what to see). ``train_question_encoder`` also trains the
+        TG-IS question encoder. The release keeps it frozen (it
         is M3D-CLIP's pretrained BERT); a randomly initialised one must learn, or it maps every question to
         nearly the same vector and TG-IS cannot tell questions apart.
         """
@@ -403,6 +409,8 @@ class Med2E3ForConditionalGeneration(Med2E3PreTrainedModel, GenerationMixin):
         parts = [p for p in STAGE_TRAINABLE[stage] if train_vision2d or p != "vision2d"]
         if train_question_encoder:
             parts.append("question_encoder")
+        if train_vision3d:
+            parts.append("vision3d")
         self.requires_grad_(False)
         for part in parts:
             module = getattr(self, part, None)

@@ -28,6 +28,8 @@ class ModelSection:
 
     preset: str | None = "tiny"
     init_from: str | None = None
+    # a causal-LM folder loaded into the preset's LLM ("bundled:tiny_llm": the shipped stage 0)
+    language_model: str | None = None
     slice_aggregation: str | None = None  # overrides the preset's value
     overrides: dict[str, Any] = field(default_factory=dict)  # other top-level Med2E3Config fields
 
@@ -65,6 +67,10 @@ class TrainConfig:
     lora: LoraSection = field(default_factory=LoraSection)
     train_vision2d: bool = True
     train_question_encoder: bool = False  # the release freezes its pretrained BERT; a random one must learn
+    train_vision3d: bool = False  # the release freezes its pretrained 3D ViT; a random one may learn
+    # "token": every answer token weighs the same (the release); "answer": every answer does, so one-word
+    # answers are not drowned by long ones
+    loss_average: Literal["token", "answer"] = "token"
     seed: int = 0
     epochs: float = 1.0
     max_steps: int = -1
@@ -92,6 +98,8 @@ class TrainConfig:
             raise ConfigError("stage 'finetune' starts from a stage-1 output: set model.init_from")
         if not self.data.train:
             raise ConfigError("data.train lists no dataset")
+        if self.model.language_model and (self.model.init_from or not self.model.preset):
+            raise ConfigError("model.language_model replaces a preset's LLM: use it with model.preset only")
         if self.lora.enabled and self.stage != "finetune":
             raise ConfigError("lora.enabled applies to stage 'finetune' only")
         unknown = set(self.report_to) - {"csv", "tensorboard"}

@@ -18,7 +18,7 @@ from typing import Any
 
 from med2e3.errors import ConfigError, OutputError
 from med2e3.files import write_atomic
-from med2e3.folders import check_model_folder
+from med2e3.folders import check_llm_folder, check_model_folder, language_model_folder
 from med2e3.training.config import TrainConfig, config_to_dict
 
 TRAINING_INFO = "training_info.json"
@@ -147,7 +147,17 @@ def preflight(config: TrainConfig, overwrite: bool = False) -> bool:
         check_writable_folder(Path(config.data.cache_dir), "data.cache_dir")
     if config.model.init_from:
         check_model_folder(config.model.init_from, role="model.init_from")
+    if config.model.language_model:
+        check_llm_folder(language_model_folder(config.model.language_model), preset_text_config(config))
     return check_resume(config, overwrite)
+
+
+def preset_text_config(config: TrainConfig) -> dict:
+    """The LLM config of the run's preset (with its overrides), as a dict."""
+    from med2e3.config import Med2E3Config
+
+    section = config.model
+    return Med2E3Config.from_preset(section.preset, **section.overrides).text_config.to_dict()
 
 
 # ---- checkpoints ----------------------------------------------------------------------------------

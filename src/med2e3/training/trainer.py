@@ -18,10 +18,10 @@ import torch
 from transformers.trainer_callback import TrainerCallback
 
 from med2e3.config import Med2E3Config
-from med2e3.data.processor import Med2E3Processor
+from med2e3.data.processor import IGNORE_INDEX, Med2E3Processor
 from med2e3.errors import ConfigError
 from med2e3.files import write_atomic
-from med2e3.folders import check_model_folder
+from med2e3.folders import check_model_folder, language_model_folder
 from med2e3.model import Med2E3ForConditionalGeneration
 from med2e3.training.config import TrainConfig, config_to_dict
 from med2e3.training.data import Collator, VolumeCache, VolumeTextDataset, load_examples
@@ -57,6 +57,8 @@ def build_model(config: TrainConfig) -> tuple[Med2E3ForConditionalGeneration, Me
         torch.manual_seed(config.seed)
         model = Med2E3ForConditionalGeneration(Med2E3Config.from_preset(section.preset, **overrides))
         processor = Med2E3Processor.for_config(model.config)
+        if section.language_model:
+            load_language_model(model, language_model_folder(section.language_model))
     if section.init_from and section.slice_aggregation not in (None, model.config.slice_aggregation):
         raise ConfigError(
             f"model.slice_aggregation={section.slice_aggregation!r} but {section.init_from} was trained with "
@@ -68,6 +70,41 @@ def build_model(config: TrainConfig) -> tuple[Med2E3ForConditionalGeneration, Me
     orientations = Counter(source.orientation for source in config.data.train)
     processor.orientation = orientations.most_common(1)[0][0]
     return model, processor
+
+
+def load_language_model(model: Med2E3ForConditionalGeneration, folder: Path) -> None:
+    """Replace the preset's random LLM weights by those of a causal-LM folder (`check_llm_folder` passed)."""
+    from transformers import AutoModelForCausalLM
+
+    llm = AutoModelForCausalLM.from_pretrained(folder, dtype=model.dtype)
+    model.language_model.load_state_dict(llm.state_dict())
+
+
+def answer_mean_loss(outputs: Any, labels: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy averaged over each answer's tokens, then over the answers (``loss_average: answer``).
+
+    The Trainer calls it per micro-batch and does not divide by gradient-accumulation steps when a loss
+    function is given; `_AnswerMeanLoss` does.
+    """
+    logits = outputs.logits[:, :-1].float()
+    target = labels[:, 1:].to(logits.device)
+    tokens = torch.nn.functional.cross_entropy(
+        logits.transpose(1, 2), target, ignore_index=IGNORE_INDEX, reduction="none"
+    )
+    counts = (target != IGNORE_INDEX).sum(1)
+    answered = counts > 0
+    per_answer = tokens.sum(1)[answered] / counts[answered]
+    return per_answer.mean() if answered.any() else tokens.sum() * 0.0
+
+
+class _AnswerMeanLoss:
+    """`answer_mean_loss` divided by the gradient-accumulation steps, as the Trainer expects."""
+
+    def __init__(self, grad_accum: int):
+        self.grad_accum = grad_accum
+
+    def __call__(self, outputs: Any, labels: torch.Tensor, num_items_in_batch: Any = None) -> torch.Tensor:
+        return answer_mean_loss(outputs, labels) / self.grad_accum
 
 
 def apply_lora(model: Med2E3ForConditionalGeneration, config: TrainConfig) -> None:
@@ -183,6 +220,8 @@ def training_arguments(config: TrainConfig) -> Any:
         ddp_backend=None if on_gpu or int(os.environ.get("WORLD_SIZE", "1")) == 1 else "gloo",
         use_cpu=not on_gpu,
         optim="adamw_torch",
+        # the token count across processes scales the Trainer's loss; an answer mean is already a mean
+        average_tokens_across_devices=config.loss_average == "token",
     )
 
 
@@ -206,6 +245,7 @@ def train(config: TrainConfig, overwrite: bool = False) -> Path:
         config.stage,
         train_vision2d=config.train_vision2d,
         train_question_encoder=config.train_question_encoder,
+        train_vision3d=config.train_vision3d,
     )
     if config.lora.enabled:
         apply_lora(model, config)
@@ -226,6 +266,7 @@ def train(config: TrainConfig, overwrite: bool = False) -> Path:
         eval_dataset=eval_set,
         data_collator=Collator(processor),
         callbacks=callbacks,
+        compute_loss_func=_AnswerMeanLoss(config.grad_accum) if config.loss_average == "answer" else None,
     )
     resume = _start_run(config, overwrite) if trainer.is_world_process_zero() else None
     resume = _broadcast_path(resume)
