@@ -143,3 +143,37 @@ def test_gpu_script_first_token_and_decode_sections_on_cpu(bench_modules, capsys
     assert set(decode["variants"]) == {"dynamic", "predictor"} and decode["tokens_equal"] is True
     assert math.isclose(decode["target_ms_per_token"], 2 * decode["bound_ms_per_token"], abs_tol=1e-3)
     assert set(decode["target_met"]) == {"dynamic", "predictor"}
+
+
+def test_demo_seeds_table_lists_each_seed_and_the_mean():
+    from benchmarks.demo_seeds import TYPES, table
+
+    def summary(own: float, swapped: float) -> dict:
+        per_type = {t: own for t in TYPES if t != "overall"}
+        tgis = {
+            "question_dependence": 1e-4,
+            "relevant_mass": dict.fromkeys(TYPES, 0.5),
+            "uniform_mass": dict.fromkeys(TYPES, 0.4),
+        }
+        return {
+            "closed_vqa_accuracy": {
+                "overall": own,
+                "per_type": per_type,
+                "text_accuracy": per_type,
+                "blind_prior": dict.fromkeys(TYPES, 0.3),
+                "tgis": tgis,
+            },
+            "image_reliance": {
+                "accuracy_swapped": dict.fromkeys(TYPES, swapped),
+                "loss": 0.3,
+                "loss_swapped": 0.5,
+            },
+            "wall_seconds": 600.0,
+        }
+
+    text = table({0: summary(0.5, 0.25), 1: summary(0.7, 0.35)})
+    assert (
+        "| letter accuracy: overall | 50.0 / 70.0 (mean 60.0 ± 14.1) | 25.0 / 35.0 (mean 30.0 ± 7.1) |"
+        in text
+    )
+    assert "40.0" in text and "seeds 0, 1" in text

@@ -37,13 +37,18 @@ def check_model_folder(path: str | Path, role: str = "model folder") -> Path:
         raise ConfigError(f"{config}: not valid JSON") from None
     if model_type != MODEL_TYPE:
         raise ConfigError(f"{path}: not a med2e3 model (config.json says model_type={model_type!r})")
-    weights = sorted(path.glob("*.safetensors"))
-    if not weights:
-        raise ConfigError(f"{path}: no weights (*.safetensors); was its training run finished?")
-    for file in weights:
-        _check_weights(file)
+    _check_folder_weights(path, "was its training run finished?")
     check_tokenizer_folder(path)
     return path
+
+
+def _check_folder_weights(path: Path, hint: str) -> None:
+    """Raise ConfigError unless ``path`` has safetensors weights, each with a readable header."""
+    weights = sorted(path.glob("*.safetensors"))
+    if not weights:
+        raise ConfigError(f"{path}: no weights (*.safetensors); {hint}")
+    for file in weights:
+        _check_weights(file)
 
 
 def _check_weights(file: Path) -> None:
@@ -88,11 +93,7 @@ def check_llm_folder(path: str | Path, expected: dict, role: str = "model.langua
     ]
     if differ:
         raise ConfigError(f"{config}: {role} does not fit the preset's LLM: {', '.join(differ)}")
-    weights = sorted(path.glob("*.safetensors"))
-    if not weights:
-        raise ConfigError(f"{path}: no weights (*.safetensors) for {role}")
-    for file in weights:
-        _check_weights(file)
+    _check_folder_weights(path, f"for {role}")
     return path
 
 

@@ -1,0 +1,102 @@
+"""The default demo at several seeds, and one markdown table of what each measured (docs/results.md).
+
+Each seed runs ``med2e3 demo --out OUT/seed-N --seed N`` in its own process (a finished run is reused:
+the demo resumes), then the table is printed from the ``summary.json`` files: held-out closed-VQA letter
+accuracy per question type with its own volume and with a swapped one, the blind prior, the answer loss
+both ways, and the TG-IS rows. Run from the repository root::
+
+    python -m benchmarks.demo_seeds --out runs/demo-seeds --seeds 0 1 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+from statistics import mean, stdev
+from typing import Any
+
+TYPES = ("Plane", "Phase", "Organ", "Abnormality", "Location", "overall")
+
+
+def run_seed(out: Path, seed: int) -> dict[str, Any]:
+    """The demo's summary for one seed (run now unless its summary exists)."""
+    folder = out / f"seed-{seed}"
+    summary = folder / "summary.json"
+    if not summary.is_file():
+        start = time.time()
+        subprocess.run(
+            [sys.executable, "-m", "med2e3.cli", "demo", "--out", str(folder), "--seed", str(seed)],
+            check=True,
+        )
+        print(f"seed {seed}: {time.time() - start:.0f} s", file=sys.stderr)
+    return json.loads(summary.read_text())
+
+
+def _cell(values: list[float], scale: float = 100.0, digits: int = 1) -> str:
+    shown = " / ".join(f"{v * scale:.{digits}f}" for v in values)
+    if len(values) < 2:
+        return shown
+    return f"{shown} (mean {mean(values) * scale:.{digits}f} ± {stdev(values) * scale:.{digits}f})"
+
+
+def table(summaries: dict[int, dict[str, Any]]) -> str:
+    """Markdown rows, one value per seed then mean ± sample std."""
+    runs = list(summaries.values())
+    acc = [s["closed_vqa_accuracy"] for s in runs]
+    rel = [s["image_reliance"] for s in runs]
+    seeds = ", ".join(map(str, summaries))
+    lines = [
+        f"| held-out closed VQA, % (seeds {seeds}) | own volume | swapped volume | blind prior |",
+        "|---|---|---|---|",
+    ]
+    for kind in TYPES:
+        own = [a["overall"] if kind == "overall" else a["per_type"][kind] for a in acc]
+        swapped = [r["accuracy_swapped"][kind] for r in rel]
+        blind = [a["blind_prior"][kind] for a in acc]
+        text = _cell([a["text_accuracy"][kind] for a in acc]) if kind != "overall" else ""
+        lines.append(
+            f"| letter accuracy: {kind} | {_cell(own)} | {_cell(swapped)} | {_cell(blind)} | {text} |"
+        )
+    lines.append(
+        f"| mean answer loss per token | {_cell([r['loss'] for r in rel], 1, 3)} | "
+        f"{_cell([r['loss_swapped'] for r in rel], 1, 3)} | | |"
+    )
+    tgis = [a["tgis"] for a in acc]
+    lines += [
+        "",
+        "| TG-IS (held-out volumes) | per seed |",
+        "|---|---|",
+        "| question dependence (median over volumes of the largest score difference between questions) | "
+        + " / ".join(f"{t['question_dependence']:.1e}" for t in tgis)
+        + " |",
+    ]
+    for kind in ("Phase", "Organ", "Abnormality", "Location", "overall"):
+        lines.append(
+            f"| mass on the relevant slices, {kind} (uniform weights) | "
+            + " / ".join(
+                f"{t['relevant_mass'][kind] * 100:.1f} ({t['uniform_mass'][kind] * 100:.1f})" for t in tgis
+            )
+            + " |"
+        )
+    lines.append(f"| demo wall time, s (as run) | {' / '.join(str(s['wall_seconds']) for s in runs)} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, default=Path("runs/demo-seeds"))
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    args = parser.parse_args(argv)
+    if len(set(args.seeds)) != len(args.seeds):
+        parser.error("--seeds lists a seed more than once")
+    summaries = {seed: run_seed(args.out, seed) for seed in args.seeds}
+    print(table(summaries))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
