@@ -50,8 +50,8 @@ def table(summaries: dict[int, dict[str, Any]]) -> str:
     rel = [s["image_reliance"] for s in runs]
     seeds = ", ".join(map(str, summaries))
     lines = [
-        f"| held-out closed VQA, % (seeds {seeds}) | own volume | swapped volume | blind prior |",
-        "|---|---|---|---|",
+        f"| held-out closed VQA, % (seeds {seeds}) | own volume | swapped volume | blind prior | option text, own volume |",
+        "|---|---|---|---|---|",
     ]
     for kind in TYPES:
         own = [a["overall"] if kind == "overall" else a["per_type"][kind] for a in acc]
