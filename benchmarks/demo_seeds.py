@@ -23,7 +23,11 @@ TYPES = ("Plane", "Phase", "Organ", "Abnormality", "Location", "overall")
 
 
 def run_seed(out: Path, seed: int) -> dict[str, Any]:
-    """The demo's summary for one seed (run now unless its summary exists)."""
+    """The demo's summary for one seed (run now unless its summary exists), with the blind prior
+    recomputed from its data by today's `med2e3.demo.blind_prior` (older summaries used another rule)."""
+    from med2e3.data.synth import benchmark_examples
+    from med2e3.demo import blind_prior, closed_questions
+
     folder = out / f"seed-{seed}"
     summary = folder / "summary.json"
     if not summary.is_file():
@@ -33,7 +37,12 @@ def run_seed(out: Path, seed: int) -> dict[str, Any]:
             check=True,
         )
         print(f"seed {seed}: {time.time() - start:.0f} s", file=sys.stderr)
-    return json.loads(summary.read_text())
+    result = json.loads(summary.read_text())
+    data = folder / "data"
+    questions = closed_questions(data, result["closed_vqa_accuracy"]["n"])
+    train = benchmark_examples(data, "vqa", "train", form="closed")
+    result["closed_vqa_accuracy"]["blind_prior"] = blind_prior(train, questions)
+    return result
 
 
 def _cell(values: list[float], scale: float = 100.0, digits: int = 1) -> str:
