@@ -225,10 +225,8 @@ def _print_summary(summary: dict[str, Any], out: Path) -> None:
     print(
         f"[demo] held-out closed VQA ({acc['n']} questions). The release's metric is the right letter (chance"
     )
-    print(
-        "       0.25); 'text': the chosen option's text; 'blind prior': the most frequent training answer to"
-    )
-    print("       the same question, no image:")
+    print("       0.25); 'text': the chosen option's text; 'blind prior': the option most often right for")
+    print("       the same question in training, no image:")
     print("         type          letter   text    blind prior")
     for kind, value in acc["per_type"].items():
         text, base = acc["text_accuracy"][kind], acc["blind_prior"][kind]

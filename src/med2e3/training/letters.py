@@ -25,12 +25,10 @@ from typing import Any
 import torch
 
 from med2e3.config import Med2E3Config
+from med2e3.data.datasets import ANSWER_LETTERS as LETTERS
 from med2e3.data.datasets import closed_choices, closed_prompt
 from med2e3.data.processor import IGNORE_INDEX, Med2E3Processor
 from med2e3.files import write_atomic
-
-LETTERS = "ABCD"
-
 
 #: Seed of the synthetic benchmark whose choice lists stage 0 reads (the demo and the tests use others).
 CHOICES_SEED = 1000
@@ -85,16 +83,9 @@ class LookupDataset(torch.utils.data.Dataset):
         return {"input_ids": prompt + target, "labels": [IGNORE_INDEX] * len(prompt) + target}
 
 
-def collate(rows: list[dict[str, Any]], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-padded batch of `LookupDataset` items."""
-    width = max(len(r["input_ids"]) for r in rows)
-    ids = torch.full((len(rows), width), pad_id)
-    labels = torch.full((len(rows), width), IGNORE_INDEX)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        n = len(r["input_ids"])
-        ids[i, :n], labels[i, :n], mask[i, :n] = torch.tensor(r["input_ids"]), torch.tensor(r["labels"]), 1
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+def collate(rows: list[dict[str, Any]], processor: Med2E3Processor) -> dict[str, torch.Tensor]:
+    """Right-padded batch of `LookupDataset` items (the processor's padding)."""
+    return processor._pad([(r["input_ids"], r["labels"]) for r in rows], "right", with_labels=True)
 
 
 @torch.no_grad()
@@ -112,7 +103,7 @@ def lookup_accuracy(
     hits = 0
     for start in range(0, n, 64):
         rows = [data[i] for i in range(start, min(n, start + 64))]
-        batch = collate(rows, processor.tokenizer.pad_token_id)
+        batch = collate(rows, processor)
         logits = llm(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         first = (batch["labels"] != IGNORE_INDEX).int().argmax(1) - 1  # position that predicts the letter
         picked = logits[torch.arange(len(rows)), first][:, letter_ids].argmax(-1)
@@ -144,11 +135,12 @@ def train_letters(output_dir: Path, steps: int, batch_size: int, lr: float, seed
         data_seed=seed,
         remove_unused_columns=False,
     )
-    pad = processor.tokenizer.pad_token_id
     choice_lists = benchmark_choices()
     data = LookupDataset(processor, choice_lists, steps * batch_size, seed)
     start = time.time()
-    Trainer(model=llm, args=args, train_dataset=data, data_collator=lambda rows: collate(rows, pad)).train()
+    Trainer(
+        model=llm, args=args, train_dataset=data, data_collator=lambda rows: collate(rows, processor)
+    ).train()
     seconds = round(time.time() - start, 1)
     llm.save_pretrained(output_dir)  # saved before anything else can fail
     record = {
