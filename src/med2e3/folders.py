@@ -8,8 +8,12 @@ from pathlib import Path
 from med2e3.errors import ConfigError
 
 MODEL_TYPE = "med2e3"
-#: How a training config names the stage-0 language model shipped with the package (`med2e3.training.letters`).
+#: How configs and commands name folders shipped with the package: ``bundled:NAME`` is ``assets/NAME``.
+BUNDLED = "bundled:"
+#: The stage-0 language model (`med2e3.training.letters`).
 BUNDLED_TINY_LLM = "bundled:tiny_llm"
+#: The demo's starting point: the tiny preset trained on its own synthetic volumes (scripts/train_tiny_model.sh).
+BUNDLED_TINY_MODEL = "bundled:tiny_model"
 #: Files any one of which makes a folder hold a tokenizer (fast, SentencePiece, WordPiece, BPE vocabularies).
 TOKENIZER_VOCAB_FILES: tuple[str, ...] = ("tokenizer.json", "tokenizer.model", "vocab.txt", "vocab.json")
 
@@ -97,10 +101,17 @@ def check_llm_folder(path: str | Path, expected: dict, role: str = "model.langua
     return path
 
 
-def language_model_folder(value: str) -> Path:
-    """The folder a config's ``model.language_model`` names (`BUNDLED_TINY_LLM`: the shipped one)."""
-    if value == BUNDLED_TINY_LLM:
-        from importlib import resources
+def bundled_folder(value: str | Path) -> Path:
+    """The folder ``value`` names: ``bundled:NAME`` is the package's ``assets/NAME``, anything else a path."""
+    text = str(value)
+    if not text.startswith(BUNDLED):
+        return Path(value)
+    from importlib import resources
 
-        return Path(str(resources.files("med2e3").joinpath("assets/tiny_llm")))
-    return Path(value)
+    assets = Path(str(resources.files("med2e3").joinpath("assets")))
+    shipped = {p.name: p for p in assets.iterdir() if (p / "config.json").is_file()}
+    name = text.removeprefix(BUNDLED)
+    if name not in shipped:
+        names = ", ".join(BUNDLED + n for n in sorted(shipped))
+        raise ConfigError(f"{value}: no such bundled folder (the package ships {names})")
+    return shipped[name]

@@ -18,7 +18,7 @@ from typing import Any
 
 from med2e3.errors import ConfigError, OutputError
 from med2e3.files import write_atomic
-from med2e3.folders import check_llm_folder, check_model_folder, language_model_folder
+from med2e3.folders import bundled_folder, check_llm_folder, check_model_folder
 from med2e3.training.config import TrainConfig, config_to_dict
 
 TRAINING_INFO = "training_info.json"
@@ -146,9 +146,9 @@ def preflight(config: TrainConfig, overwrite: bool = False) -> bool:
     if config.data.cache_dir:
         check_writable_folder(Path(config.data.cache_dir), "data.cache_dir")
     if config.model.init_from:
-        check_model_folder(config.model.init_from, role="model.init_from")
+        check_model_folder(bundled_folder(config.model.init_from), role="model.init_from")
     if config.model.language_model:
-        check_llm_folder(language_model_folder(config.model.language_model), preset_text_config(config))
+        check_llm_folder(bundled_folder(config.model.language_model), preset_text_config(config))
     return check_resume(config, overwrite)
 
 

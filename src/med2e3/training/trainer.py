@@ -21,7 +21,7 @@ from med2e3.config import Med2E3Config
 from med2e3.data.processor import IGNORE_INDEX, Med2E3Processor
 from med2e3.errors import ConfigError
 from med2e3.files import write_atomic
-from med2e3.folders import check_model_folder, language_model_folder
+from med2e3.folders import bundled_folder, check_model_folder
 from med2e3.model import Med2E3ForConditionalGeneration
 from med2e3.training.config import TrainConfig, config_to_dict
 from med2e3.training.data import Collator, VolumeCache, VolumeTextDataset, load_examples
@@ -44,8 +44,7 @@ def build_model(config: TrainConfig) -> tuple[Med2E3ForConditionalGeneration, Me
     """A preset model (random init) or a med2e3 model folder, with its processor."""
     section = config.model
     if section.init_from:
-        folder = Path(section.init_from)
-        check_model_folder(folder, role="model.init_from")
+        folder = check_model_folder(bundled_folder(section.init_from), role="model.init_from")
         model = Med2E3ForConditionalGeneration.from_pretrained(folder)
         processor = Med2E3Processor.from_pretrained(folder)
     else:
@@ -58,7 +57,7 @@ def build_model(config: TrainConfig) -> tuple[Med2E3ForConditionalGeneration, Me
         model = Med2E3ForConditionalGeneration(Med2E3Config.from_preset(section.preset, **overrides))
         processor = Med2E3Processor.for_config(model.config)
         if section.language_model:
-            load_language_model(model, language_model_folder(section.language_model))
+            load_language_model(model, bundled_folder(section.language_model))
     if section.init_from and section.slice_aggregation not in (None, model.config.slice_aggregation):
         raise ConfigError(
             f"model.slice_aggregation={section.slice_aggregation!r} but {section.init_from} was trained with "
