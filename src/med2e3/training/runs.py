@@ -18,7 +18,13 @@ from typing import Any
 
 from med2e3.errors import ConfigError, OutputError
 from med2e3.files import write_atomic
-from med2e3.folders import check_llm_folder, check_model_folder, language_model_folder
+from med2e3.folders import (
+    check_llm_folder,
+    check_model_folder,
+    check_question_encoder_folder,
+    language_model_folder,
+    question_encoder_folder,
+)
 from med2e3.training.config import TrainConfig, config_to_dict
 
 TRAINING_INFO = "training_info.json"
@@ -149,6 +155,8 @@ def preflight(config: TrainConfig, overwrite: bool = False) -> bool:
         check_model_folder(config.model.init_from, role="model.init_from")
     if config.model.language_model:
         check_llm_folder(language_model_folder(config.model.language_model), preset_text_config(config))
+    if config.model.question_encoder:
+        check_question_encoder_folder(question_encoder_folder(config.model.question_encoder))
     return check_resume(config, overwrite)
 
 
