@@ -39,6 +39,10 @@ NOT_RESULT_KEYS = frozenset(
     {"output_dir", "logging_steps", "save_steps", "save_total_limit", "report_to", "data.num_workers"}
 )
 
+#: Result settings added after runs were first recorded, with the value that computes what those runs
+#: computed: a record without one of them is read as holding that value, so older runs still resume.
+LATER_KEYS: dict[str, Any] = {"model.question_encoder": None}
+
 
 # ---- settings -------------------------------------------------------------------------------------
 def result_settings(config: dict[str, Any]) -> dict[str, Any]:
@@ -81,9 +85,9 @@ def recorded_settings(output_dir: Path) -> dict[str, Any] | None:
     record, info = output_dir / RUN_SETTINGS, output_dir / TRAINING_INFO
     try:
         if record.is_file():
-            return json.loads(record.read_text())
+            return {**LATER_KEYS, **json.loads(record.read_text())}
         if info.is_file():  # a run that finished before settings were recorded
-            return result_settings(json.loads(info.read_text())["config"])
+            return {**LATER_KEYS, **result_settings(json.loads(info.read_text())["config"])}
     except (json.JSONDecodeError, KeyError, TypeError) as err:
         raise ConfigError(f"{output_dir}: unreadable run record ({err}); rerun with --overwrite") from None
     if checkpoints(output_dir):
