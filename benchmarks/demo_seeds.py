@@ -2,8 +2,8 @@
 
 Each seed runs ``med2e3 demo --out OUT/seed-N --seed N`` in its own process (a finished run is reused:
 the demo resumes), then the table is printed from the ``summary.json`` files: held-out closed-VQA letter
-accuracy per question type with its own volume and with a swapped one, the blind prior, the answer loss
-both ways, and the TG-IS rows. Run from the repository root::
+accuracy per question type of the starting point (before the demo's fine-tune) and of the fine-tuned model
+with its own volume and with a swapped one, the blind prior, the answer loss both ways, and the TG-IS rows. Run from the repository root::
 
     python -m benchmarks.demo_seeds --out runs/demo-seeds --seeds 0 1 2
 """
@@ -18,6 +18,8 @@ import time
 from pathlib import Path
 from statistics import mean, stdev
 from typing import Any
+
+from med2e3.demo import type_accuracy
 
 TYPES = ("Plane", "Phase", "Organ", "Abnormality", "Location", "overall")
 
@@ -57,21 +59,29 @@ def table(summaries: dict[int, dict[str, Any]]) -> str:
     runs = list(summaries.values())
     acc = [s["closed_vqa_accuracy"] for s in runs]
     rel = [s["image_reliance"] for s in runs]
+    starts = [s.get("start") for s in runs]
+    first = all(starts)  # the demo fine-tuned a starting point: its numbers come first
     seeds = ", ".join(map(str, summaries))
     lines = [
-        f"| held-out closed VQA, % (seeds {seeds}) | own volume | swapped volume | blind prior | option text, own volume |",
-        "|---|---|---|---|---|",
+        f"| held-out closed VQA, % (seeds {seeds}) | "
+        + ("starting point, own volume | " if first else "")
+        + "own volume | swapped volume | blind prior | option text, own volume |",
+        "|---|---|---|---|---|" + ("---|" if first else ""),
     ]
     for kind in TYPES:
-        own = [a["overall"] if kind == "overall" else a["per_type"][kind] for a in acc]
+        own = [type_accuracy(a, kind) for a in acc]
         swapped = [r["accuracy_swapped"][kind] for r in rel]
         blind = [a["blind_prior"][kind] for a in acc]
         text = _cell([a["text_accuracy"][kind] for a in acc]) if kind != "overall" else ""
-        lines.append(
-            f"| letter accuracy: {kind} | {_cell(own)} | {_cell(swapped)} | {_cell(blind)} | {text} |"
+        before = (
+            f"{_cell([type_accuracy(s['closed_vqa_accuracy'], kind) for s in starts])} | " if first else ""
         )
+        lines.append(
+            f"| letter accuracy: {kind} | {before}{_cell(own)} | {_cell(swapped)} | {_cell(blind)} | {text} |"
+        )
+    before = f"{_cell([s['image_reliance']['loss'] for s in starts], 1, 3)} | " if first else ""
     lines.append(
-        f"| mean answer loss per token | {_cell([r['loss'] for r in rel], 1, 3)} | "
+        f"| mean answer loss per token | {before}{_cell([r['loss'] for r in rel], 1, 3)} | "
         f"{_cell([r['loss_swapped'] for r in rel], 1, 3)} | | |"
     )
     tgis = [a["tgis"] for a in acc]

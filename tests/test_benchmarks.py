@@ -177,3 +177,11 @@ def test_demo_seeds_table_lists_each_seed_and_the_mean():
         in text
     )
     assert "40.0" in text and "seeds 0, 1" in text
+    assert "starting point" not in text
+    tuned = {seed: {**summary(own, 0.3), "start": summary(0.4, 0.3)} for seed, own in ((0, 0.5), (1, 0.7))}
+    text = table(tuned)
+    assert (
+        "| letter accuracy: overall | 40.0 / 40.0 (mean 40.0 ± 0.0) | 50.0 / 70.0 (mean 60.0 ± 14.1) |"
+        in text
+    )
+    assert "| mean answer loss per token | 0.300 / 0.300 (mean 0.300 ± 0.000) | 0.300" in text

@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import json
+import shutil
 
-from med2e3.demo import DemoBudget, run_demo
+import pytest
+
+from med2e3.demo import TRAINED_ON, DemoBudget, run_demo
+from med2e3.errors import ConfigError
+from med2e3.folders import BUNDLED_TINY_MODEL, bundled_folder
+
+BUDGET = DemoBudget(volumes=20, pretrain_epochs=0.02, finetune_epochs=0.01, batch_size=2, eval_questions=12)
 
 
 def test_demo_reports_accuracy_image_reliance_and_tgis(tmp_path):
-    budget = DemoBudget(
-        volumes=20, pretrain_epochs=0.02, finetune_epochs=0.01, batch_size=2, eval_questions=12
-    )
-    summary = run_demo(tmp_path / "demo", seed=0, budget=budget)
+    budget = BUDGET
+    summary = run_demo(tmp_path / "demo", seed=0, budget=budget, start=None)
     assert summary == json.loads((tmp_path / "demo" / "summary.json").read_text())
     accuracy = summary["closed_vqa_accuracy"]
     assert accuracy["n"] == 12 and 0.0 <= accuracy["overall"] <= 1.0
@@ -26,9 +31,36 @@ def test_demo_reports_accuracy_image_reliance_and_tgis(tmp_path):
     assert (tmp_path / "demo" / "tgis.png").is_file()
     info = tmp_path / "demo" / "finetune" / "training_info.json"
     before = info.read_bytes(), info.stat().st_mtime_ns
-    again = run_demo(tmp_path / "demo", seed=0, budget=budget)  # rerun: trained stages are reused as they are
+    again = run_demo(tmp_path / "demo", seed=0, budget=budget, start=None)  # trained stages are reused
     assert (info.read_bytes(), info.stat().st_mtime_ns) == before
     assert again["closed_vqa_accuracy"] == accuracy
+    assert summary["start"] is None
+
+    # from a trained model: measured before its fine-tune here, on the same questions
+    start = tmp_path / "start"
+    shutil.copytree(tmp_path / "demo" / "finetune", start, ignore=shutil.ignore_patterns("checkpoint-*"))
+    tuned = run_demo(tmp_path / "tuned", seed=0, budget=budget, start=str(start))
+    first = tuned["start"]
+    assert first["model"] == str(start)
+    assert first["closed_vqa_accuracy"]["n"] == tuned["closed_vqa_accuracy"]["n"] == 12
+    assert first["image_reliance"]["accuracy"]["overall"] == first["closed_vqa_accuracy"]["overall"]
+    settings = json.loads((tmp_path / "tuned" / "finetune" / "training_info.json").read_text())
+    assert str(start) in json.dumps(settings)
+
+    (start / TRAINED_ON).write_text(json.dumps({"data_seeds": [5, 0]}))  # its own volumes are not a test set
+    with pytest.raises(ConfigError, match="--seed 0: .* trained on the volumes of this seed"):
+        run_demo(tmp_path / "again", seed=0, budget=budget, start=str(start))
+    assert not (tmp_path / "again").exists()
+
+
+def test_the_shipped_model_refuses_its_own_data_seed(tmp_path):
+    record = json.loads((bundled_folder(BUNDLED_TINY_MODEL) / TRAINED_ON).read_text())
+    for seed in record["data_seeds"]:
+        with pytest.raises(ConfigError, match=f"--seed {seed}: bundled:tiny_model"):
+            run_demo(tmp_path / "demo", seed=seed)
+    assert not (tmp_path / "demo").exists()
+    with pytest.raises(ConfigError, match="bundled:nothing: no such bundled folder .*bundled:tiny_model"):
+        bundled_folder("bundled:nothing")
 
 
 def test_blind_prior_picks_the_option_most_often_right_for_the_same_question():
@@ -66,3 +98,25 @@ def test_blind_prior_picks_the_option_most_often_right_for_the_same_question():
         ex(10, "Which plane?", "Plane", ["Coronal", "Oblique", "Sagittal", "Axial"], "A"),  # wrong: Axial (D)
     ]
     assert blind_prior(train, test) == {"Plane": 1 / 3, "Phase": 1.0, "overall": 0.6}
+
+
+def test_the_shipped_model_answers_from_the_scan(tmp_path):
+    """On volumes it never saw, the shipped model's answers are likelier with their own scan than with
+    another one, and a plane question gets a plane."""
+    from med2e3.data.synth import benchmark_examples, generate_benchmark
+    from med2e3.evaluation.reliance import image_reliance
+    from med2e3.inference import Med2E3Predictor
+
+    generate_benchmark(tmp_path / "data", 10, seed=7, progress=False)
+    examples = benchmark_examples(tmp_path / "data", "vqa", "train", form="closed")
+    predictor = Med2E3Predictor.from_pretrained(BUNDLED_TINY_MODEL)
+    reliance = image_reliance(predictor, examples)
+    assert reliance.loss < reliance.loss_swapped
+    plane = next(ex for ex in examples if ex.question_type == "Plane")
+    predictor.load(plane.volume)
+    assert predictor.ask(plane.question, max_new_tokens=4).answer in {
+        "Axial",
+        "Coronal",
+        "Sagittal",
+        "Oblique",
+    }

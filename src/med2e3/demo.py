@@ -1,7 +1,9 @@
 """`med2e3 demo`: the whole pipeline on a laptop CPU with no downloads.
 
-Generates the synthetic CT benchmark, trains the tiny preset (stage 1 then stage 2), measures
-held-out closed-VQA accuracy, asks a few questions on held-out volumes and draws the TG-IS figure.
+Generates a synthetic CT benchmark of its own, measures the shipped tiny model (`BUNDLED_TINY_MODEL`,
+trained on other synthetic volumes) on its held-out questions, fine-tunes it on its training split
+(stage 2), measures it again, asks a few questions on held-out volumes and draws the TG-IS figure.
+Without a starting point it trains the tiny preset from the stage-0 LLM instead (stage 1 then stage 2).
 Every step is resumable: rerunning the command continues where it stopped.
 """
 
@@ -19,10 +21,11 @@ import torch
 
 from med2e3.data.datasets import Example, closed_choices
 from med2e3.data.synth import benchmark_examples, benchmark_source, generate_benchmark
+from med2e3.errors import ConfigError
 from med2e3.evaluation.metrics import closed_vqa_accuracy
 from med2e3.evaluation.reliance import image_reliance, question_dependence
 from med2e3.evaluation.runner import attention_mass
-from med2e3.folders import BUNDLED_TINY_LLM
+from med2e3.folders import BUNDLED_TINY_LLM, BUNDLED_TINY_MODEL, bundled_folder
 from med2e3.inference import Med2E3Predictor
 from med2e3.training.config import config_from_dict
 from med2e3.training.trainer import TRAINING_INFO, train
@@ -31,23 +34,32 @@ from med2e3.viz import plot_slice_scores
 
 @dataclass(frozen=True)
 class DemoBudget:
-    """Sizes of the demo run; the defaults finish in about 10 minutes on 2 CPU cores."""
+    """Sizes of the demo run; the defaults (a fine-tune of the shipped model) finish in a few minutes on
+    2 CPU cores."""
 
     volumes: int = 400
-    pretrain_epochs: float = 1.0
-    finetune_epochs: float = 3.0
+    pretrain_epochs: float = 1.0  # stage 1, only when training from the stage-0 LLM
+    finetune_epochs: float = 1.0
+    lr: float = 2e-4  # stage 2
     batch_size: int = 8
     eval_questions: int = 200
 
 
-def _stage(out: Path, data: Path, stage: str, budget: DemoBudget, seed: int) -> Path:
+#: Both stages from the stage-0 LLM (`run_demo` with ``start=None``): about 10 minutes on 2 CPU cores.
+FROM_SCRATCH = DemoBudget(finetune_epochs=3.0, lr=1e-3)
+#: What the shipped model's folder records about the run that made it (its data seeds).
+TRAINED_ON = "trained_on.json"
+
+
+def _stage(out: Path, data: Path, stage: str, budget: DemoBudget, seed: int, start: str | None) -> Path:
     cap = benchmark_source(data, "caption", "train")
     vqa = benchmark_source(data, "vqa", "train")
+    closed = benchmark_source(data, "vqa", "train", form="closed")
     raw: dict[str, Any] = {
         "stage": stage,
         "output_dir": str(out / stage),
-        "data": {
-            "train": [cap] if stage == "pretrain" else [cap, vqa],
+        "data": {  # stage 2: closed questions twice; their answer letter is what a small LLM learns last
+            "train": [cap] if stage == "pretrain" else [cap, vqa, closed],
             "cache_dir": str(data / ".cache"),
             "augment": False,
         },
@@ -64,11 +76,11 @@ def _stage(out: Path, data: Path, stage: str, budget: DemoBudget, seed: int) -> 
             epochs=budget.pretrain_epochs,
             lr=1e-3,
         )
-    else:  # a random 3D encoder must learn what to see; every answer weighs the same
+    else:  # the tiny 3D encoder (random in the preset) learns too; every answer weighs the same
         raw.update(
-            model={"init_from": str(out / "pretrain")},
+            model={"init_from": start},
             epochs=budget.finetune_epochs,
-            lr=1e-3,
+            lr=budget.lr,
             train_vision3d=True,
             loss_average="answer",
         )
@@ -163,27 +175,55 @@ def _tgis_summary(examples: list[Example], scores: dict[str, list[float] | None]
     }
 
 
+def _check_unseen(start: str, seed: int) -> None:
+    """Refuse a data seed whose volumes trained the starting point: its test volumes would not be new."""
+    record = bundled_folder(start) / TRAINED_ON
+    if record.is_file() and seed in json.loads(record.read_text())["data_seeds"]:
+        raise ConfigError(
+            f"--seed {seed}: {start} was trained on the volumes of this seed ({record}); choose another seed"
+        )
+
+
+def _measure(predictor: Med2E3Predictor, examples: list[Example], train: list[Example]) -> dict[str, Any]:
+    """Closed-VQA accuracy (`_evaluate`) and image reliance of one model on the held-out questions."""
+    accuracy = _evaluate(predictor, examples, train)
+    print("[demo] image reliance: the same questions with another test volume ...")
+    return {"closed_vqa_accuracy": accuracy, "image_reliance": image_reliance(predictor, examples).to_dict()}
+
+
 def run_demo(
-    out_dir: str | Path = "runs/demo", seed: int = 0, budget: DemoBudget | None = None
+    out_dir: str | Path = "runs/demo",
+    seed: int = 0,
+    budget: DemoBudget | None = None,
+    start: str | None = BUNDLED_TINY_MODEL,
 ) -> dict[str, Any]:
-    """Run the demo into ``out_dir``; returns (and writes to summary.json) what it measured."""
-    budget = budget or DemoBudget()
+    """Run the demo into ``out_dir``; returns (and writes to summary.json) what it measured.
+
+    ``start`` is a trained model folder, measured then fine-tuned on the demo's volumes (default: the
+    shipped one); ``None`` trains the tiny preset from the stage-0 LLM (both stages; see `FROM_SCRATCH`).
+    """
+    budget = budget or (DemoBudget() if start else FROM_SCRATCH)
+    if start:
+        _check_unseen(start, seed)
     out = Path(out_dir)
-    start = time.time()
+    begin = time.time()
     torch.manual_seed(seed)
     data = out / "data"
     print(f"[demo] generating {budget.volumes} synthetic CT volumes in {data} ...")
     generate_benchmark(data, budget.volumes, seed=seed)
-    _stage(out, data, "pretrain", budget, seed)
-    model_dir = _stage(out, data, "finetune", budget, seed)
-
-    predictor = Med2E3Predictor.from_pretrained(model_dir)
-    print(f"[demo] evaluating closed VQA on {budget.eval_questions} held-out questions ...")
     train_closed = benchmark_examples(data, "vqa", "train", form="closed")
     closed = closed_questions(data, budget.eval_questions)
-    accuracy = _evaluate(predictor, closed, train_closed)
-    print("[demo] image reliance: the same questions with another test volume ...")
-    reliance = image_reliance(predictor, closed).to_dict()
+    before = None
+    if start:
+        print(f"[demo] {start}, before any training here: closed VQA on {len(closed)} held-out questions ...")
+        before = {"model": start, **_measure(Med2E3Predictor.from_pretrained(start), closed, train_closed)}
+    else:
+        start = str(_stage(out, data, "pretrain", budget, seed, None))
+    model_dir = _stage(out, data, "finetune", budget, seed, start)
+
+    predictor = Med2E3Predictor.from_pretrained(model_dir)
+    print(f"[demo] evaluating closed VQA on {len(closed)} held-out questions ...")
+    measured = _measure(predictor, closed, train_closed)
 
     examples = benchmark_examples(data, "vqa", "test", form="open")[:40:8]
     asked = []
@@ -209,35 +249,44 @@ def run_demo(
     summary = {
         "model": str(model_dir),
         "figure": str(figure),
-        "closed_vqa_accuracy": accuracy,
-        "image_reliance": reliance,
+        **measured,
+        "start": before,
         "examples": asked,
-        "wall_seconds": round(time.time() - start, 1),
+        "wall_seconds": round(time.time() - begin, 1),
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     _print_summary(summary, out)
     return summary
 
 
+def type_accuracy(accuracy: dict[str, Any], kind: str) -> float:
+    """One question type's letter accuracy (or ``"overall"``) from a `closed_vqa_accuracy` summary."""
+    return accuracy["overall"] if kind == "overall" else accuracy["per_type"][kind]
+
+
 def _print_summary(summary: dict[str, Any], out: Path) -> None:
-    acc = summary["closed_vqa_accuracy"]
+    acc, start = summary["closed_vqa_accuracy"], summary["start"]
     print("\n[demo] done in {:.0f} s".format(summary["wall_seconds"]))
     print(
         f"[demo] held-out closed VQA ({acc['n']} questions). The release's metric is the right letter (chance"
     )
     print("       0.25); 'text': the chosen option's text; 'blind prior': the option most often right for")
-    print("       the same question in training, no image:")
-    print("         type          letter   text    blind prior")
-    for kind, value in acc["per_type"].items():
-        text, base = acc["text_accuracy"][kind], acc["blind_prior"][kind]
-        print(f"         {kind:<12}  {value:.3f}    {text:.3f}   {base:.3f}")
-    print(f"         {'overall':<12}  {acc['overall']:.3f}            {acc['blind_prior']['overall']:.3f}")
-    rel = summary["image_reliance"]
     print(
-        "[demo] image reliance (same questions, each with another test volume): letter accuracy "
-        f"{rel['accuracy']['overall']:.3f} -> {rel['accuracy_swapped']['overall']:.3f}, "
-        f"answer loss {rel['loss']:.3f} -> {rel['loss_swapped']:.3f}"
+        "       the same question in training, no image"
+        + ("; 'before': the starting point:" if start else ":")
     )
+    print("         type          " + ("before   " if start else "") + "letter   text    blind prior")
+    for kind, value in [*acc["per_type"].items(), ("overall", acc["overall"])]:
+        first = f"{type_accuracy(start['closed_vqa_accuracy'], kind):.3f}    " if start else ""
+        text = f"{acc['text_accuracy'][kind]:.3f}" if kind in acc["text_accuracy"] else "     "
+        print(f"         {kind:<12}  {first}{value:.3f}    {text}   {acc['blind_prior'][kind]:.3f}")
+    for name, measured in ([("starting point", start)] if start else []) + [("model", summary)]:
+        rel = measured["image_reliance"]
+        print(
+            f"[demo] image reliance of the {name} (same questions, each with another test volume): letter "
+            f"accuracy {rel['accuracy']['overall']:.3f} -> {rel['accuracy_swapped']['overall']:.3f}, "
+            f"answer loss {rel['loss']:.3f} -> {rel['loss_swapped']:.3f}"
+        )
     tgis = acc["tgis"]
     if tgis:
         dep = tgis["question_dependence"]
