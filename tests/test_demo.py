@@ -9,7 +9,7 @@ import pytest
 
 from med2e3.demo import TRAINED_ON, DemoBudget, run_demo
 from med2e3.errors import ConfigError
-from med2e3.folders import BUNDLED_TINY_MODEL, bundled_folder
+from med2e3.folders import BUNDLED_TINY_MODEL, named_folder
 
 BUDGET = DemoBudget(volumes=20, pretrain_epochs=0.02, finetune_epochs=0.01, batch_size=2, eval_questions=12)
 
@@ -54,13 +54,13 @@ def test_demo_reports_accuracy_image_reliance_and_tgis(tmp_path):
 
 
 def test_the_shipped_model_refuses_its_own_data_seed(tmp_path):
-    record = json.loads((bundled_folder(BUNDLED_TINY_MODEL) / TRAINED_ON).read_text())
+    record = json.loads((named_folder(BUNDLED_TINY_MODEL) / TRAINED_ON).read_text())
     for seed in record["data_seeds"]:
         with pytest.raises(ConfigError, match=f"--seed {seed}: bundled:tiny_model"):
             run_demo(tmp_path / "demo", seed=seed)
     assert not (tmp_path / "demo").exists()
     with pytest.raises(ConfigError, match="bundled:nothing: no such bundled folder .*bundled:tiny_model"):
-        bundled_folder("bundled:nothing")
+        named_folder("bundled:nothing")
 
 
 def test_blind_prior_picks_the_option_most_often_right_for_the_same_question():

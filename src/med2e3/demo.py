@@ -25,7 +25,7 @@ from med2e3.errors import ConfigError
 from med2e3.evaluation.metrics import closed_vqa_accuracy
 from med2e3.evaluation.reliance import image_reliance, question_dependence
 from med2e3.evaluation.runner import attention_mass
-from med2e3.folders import BUNDLED_TINY_LLM, BUNDLED_TINY_MODEL, bundled_folder
+from med2e3.folders import BUNDLED_TINY_LLM, BUNDLED_TINY_MODEL, named_folder
 from med2e3.inference import Med2E3Predictor
 from med2e3.training.config import config_from_dict
 from med2e3.training.trainer import TRAINING_INFO, train
@@ -177,7 +177,7 @@ def _tgis_summary(examples: list[Example], scores: dict[str, list[float] | None]
 
 def _check_unseen(start: str, seed: int) -> None:
     """Refuse a data seed whose volumes trained the starting point: its test volumes would not be new."""
-    record = bundled_folder(start) / TRAINED_ON
+    record = named_folder(start) / TRAINED_ON
     if record.is_file() and seed in json.loads(record.read_text())["data_seeds"]:
         raise ConfigError(
             f"--seed {seed}: {start} was trained on the volumes of this seed ({record}); choose another seed"

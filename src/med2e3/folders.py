@@ -10,6 +10,8 @@ from med2e3.errors import ConfigError
 MODEL_TYPE = "med2e3"
 #: How configs and commands name folders shipped with the package: ``bundled:NAME`` is ``assets/NAME``.
 BUNDLED = "bundled:"
+#: How configs name folders shipped by optional packages (`PACKAGED_QUESTION_ENCODERS`).
+PACKAGED = "package:"
 #: The stage-0 language model (`med2e3.training.letters`).
 BUNDLED_TINY_LLM = "bundled:tiny_llm"
 #: The demo's starting point: the tiny preset trained on its own synthetic volumes (scripts/train_tiny_model.sh).
@@ -104,22 +106,6 @@ def check_llm_folder(path: str | Path, expected: dict, role: str = "model.langua
     return path
 
 
-def bundled_folder(value: str | Path) -> Path:
-    """The folder ``value`` names: ``bundled:NAME`` is the package's ``assets/NAME``, anything else a path."""
-    text = str(value)
-    if not text.startswith(BUNDLED):
-        return Path(value)
-    from importlib import resources
-
-    assets = Path(str(resources.files("med2e3").joinpath("assets")))
-    shipped = {p.name: p for p in assets.iterdir() if (p / "config.json").is_file()}
-    name = text.removeprefix(BUNDLED)
-    if name not in shipped:
-        names = ", ".join(BUNDLED + n for n in sorted(shipped))
-        raise ConfigError(f"{value}: no such bundled folder (the package ships {names})")
-    return shipped[name]
-
-
 #: Question encoders shipped by optional packages: config name -> (module, the ``med2e3`` extra installing it).
 #: The module's folder holds a ``model/`` subfolder in `save_pretrained` layout; the module is not imported.
 PACKAGED_QUESTION_ENCODERS: dict[str, tuple[str, str]] = {
@@ -141,19 +127,37 @@ def check_question_encoder_folder(path: str | Path, role: str = "model.question_
     return path
 
 
-def question_encoder_folder(value: str) -> Path:
-    """The folder a config's ``model.question_encoder`` names (`PACKAGED_QUESTION_ENCODERS`: an installed
-    package's, found without importing it)."""
-    if not value.startswith("package:"):
-        return Path(value)
-    if value not in PACKAGED_QUESTION_ENCODERS:
-        raise ConfigError(
-            f"model.question_encoder: unknown package {value!r}; known: {', '.join(PACKAGED_QUESTION_ENCODERS)}"
-        )
+def named_folder(value: str | Path) -> Path:
+    """The folder ``value`` names: ``bundled:NAME`` is the package's ``assets/NAME``, a
+    `PACKAGED_QUESTION_ENCODERS` name an installed package's folder (found without importing it), anything
+    else a path."""
+    text = str(value)
+    if text.startswith(BUNDLED):
+        return _bundled(text)
+    if text.startswith(PACKAGED):
+        return _packaged(text)
+    return Path(value)
+
+
+def _bundled(value: str) -> Path:
+    from importlib import resources
+
+    assets = Path(str(resources.files("med2e3").joinpath("assets")))
+    shipped = {p.name: p for p in assets.iterdir() if (p / "config.json").is_file()}
+    name = value.removeprefix(BUNDLED)
+    if name not in shipped:
+        names = ", ".join(BUNDLED + n for n in sorted(shipped))
+        raise ConfigError(f"{value}: no such bundled folder (the package ships {names})")
+    return shipped[name]
+
+
+def _packaged(value: str) -> Path:
     import importlib.util
 
+    if value not in PACKAGED_QUESTION_ENCODERS:
+        raise ConfigError(f"unknown package {value!r}; known: {', '.join(PACKAGED_QUESTION_ENCODERS)}")
     module, extra = PACKAGED_QUESTION_ENCODERS[value]
     spec = importlib.util.find_spec(module)
     if spec is None or spec.origin is None:
-        raise ConfigError(f'model.question_encoder: {value} is not installed; pip install "med2e3[{extra}]"')
+        raise ConfigError(f'{value} is not installed; pip install "med2e3[{extra}]"')
     return Path(spec.origin).parent / "model"

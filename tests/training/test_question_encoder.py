@@ -17,7 +17,7 @@ from transformers import BertConfig, BertModel
 
 from med2e3.data.processor import build_question_tokenizer, load_tokenizer
 from med2e3.errors import ConfigError
-from med2e3.folders import BUNDLED_TINY_LLM, bundled_folder
+from med2e3.folders import BUNDLED_TINY_LLM, named_folder
 from med2e3.inference import Med2E3Predictor
 from med2e3.model import Med2E3ForConditionalGeneration
 from med2e3.training import train
@@ -143,7 +143,7 @@ def broken_folders(root: Path, bert_folder: Path) -> list[tuple[Path, str]]:
     cases.append((root / "absent", "absent: model.question_encoder does not exist"))
     (copy("no_config") / "config.json").unlink()
     cases.append((root / "no_config", r"no_config: not a BERT model folder \(no config.json\)"))
-    cases.append((bundled_folder(BUNDLED_TINY_LLM), r"tiny_llm/config.json: .*model_type='phi3'"))
+    cases.append((named_folder(BUNDLED_TINY_LLM), r"tiny_llm/config.json: .*model_type='phi3'"))
     (copy("no_weights") / "model.safetensors").unlink()
     cases.append((root / "no_weights", r"no_weights: no weights \(\*.safetensors\)"))
     weights = copy("cut") / "model.safetensors"

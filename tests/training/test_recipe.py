@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM
 from med2e3.config import Med2E3Config
 from med2e3.data.processor import IGNORE_INDEX, Med2E3Processor
 from med2e3.errors import ConfigError
-from med2e3.folders import BUNDLED_TINY_LLM, bundled_folder, check_llm_folder
+from med2e3.folders import BUNDLED_TINY_LLM, check_llm_folder, named_folder
 from med2e3.model import Med2E3ForConditionalGeneration
 from med2e3.training import train
 from med2e3.training.config import config_from_dict
@@ -75,7 +75,7 @@ def test_lookup_examples_name_their_answer(choice_lists):
 
 
 def test_the_bundled_llm_fits_the_tiny_preset_and_picks_letters(choice_lists):
-    folder = bundled_folder(BUNDLED_TINY_LLM)
+    folder = named_folder(BUNDLED_TINY_LLM)
     check_llm_folder(folder, TINY_TEXT)
     record = json.loads((folder / "letters_run.json").read_text())
     processor = Med2E3Processor.for_config(Med2E3Config.from_preset("tiny"))
@@ -139,6 +139,6 @@ def test_answer_loss_and_a_trainable_3d_encoder_train(tmp_path, tiny_dataset):
     after = load_file(train(config) / "model.safetensors")
     changed = {n.split(".")[0] for n, v in after.items() if not torch.equal(v, before[n])}
     assert {"vision3d", "projector3d", "projector2d", "tgis"} <= changed
-    bundled = load_file(bundled_folder(BUNDLED_TINY_LLM) / "model.safetensors")
+    bundled = load_file(named_folder(BUNDLED_TINY_LLM) / "model.safetensors")
     for name, value in bundled.items():  # loaded, then frozen in stage 1
         assert torch.equal(after[f"language_model.{name}"], value), name

@@ -34,7 +34,6 @@ from starlette.exceptions import HTTPException
 from med2e3.data.datasets import REPORT_INSTRUCTIONS
 from med2e3.data.io import WINDOWS, Volume
 from med2e3.errors import InputError, Med2E3Error, VolumeError, VolumeSizeError
-from med2e3.folders import BUNDLED
 from med2e3.inference import MAX_QUESTION_CHARS, Answer, LoadedVolume, Med2E3Predictor, Question
 from med2e3.server.guard import Guard
 from med2e3.server.queue import ModelQueue, QueueFull, QueueTimeout
@@ -595,5 +594,5 @@ def _vid() -> Any:
 
 
 def model_name_of(path: str | Path) -> str:
-    """A display name for a model folder (``bundled:NAME`` as it is written)."""
-    return str(path) if str(path).startswith(BUNDLED) else Path(path).resolve().name
+    """A display name for a model folder (``bundled:NAME`` stays as written: a relative path's name)."""
+    return Path(path).resolve().name

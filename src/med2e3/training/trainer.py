@@ -22,7 +22,7 @@ from med2e3.config import Med2E3Config
 from med2e3.data.processor import IGNORE_INDEX, Med2E3Processor, load_tokenizer
 from med2e3.errors import ConfigError
 from med2e3.files import write_atomic
-from med2e3.folders import bundled_folder, check_model_folder, question_encoder_folder
+from med2e3.folders import check_model_folder, named_folder
 from med2e3.model import Med2E3ForConditionalGeneration
 from med2e3.training.config import TrainConfig, config_to_dict
 from med2e3.training.data import Collator, VolumeCache, VolumeTextDataset, load_examples
@@ -45,7 +45,7 @@ def build_model(config: TrainConfig) -> tuple[Med2E3ForConditionalGeneration, Me
     """A preset model (random init) or a med2e3 model folder, with its processor."""
     section = config.model
     if section.init_from:
-        folder = check_model_folder(bundled_folder(section.init_from), role="model.init_from")
+        folder = check_model_folder(named_folder(section.init_from), role="model.init_from")
         model = Med2E3ForConditionalGeneration.from_pretrained(folder)
         processor = Med2E3Processor.from_pretrained(folder)
     else:
@@ -54,9 +54,7 @@ def build_model(config: TrainConfig) -> tuple[Med2E3ForConditionalGeneration, Me
         overrides = dict(section.overrides)
         if section.slice_aggregation:
             overrides["slice_aggregation"] = section.slice_aggregation
-        question_folder = (
-            question_encoder_folder(section.question_encoder) if section.question_encoder else None
-        )
+        question_folder = named_folder(section.question_encoder) if section.question_encoder else None
         question_tokenizer = None
         if question_folder:
             overrides["question_encoder_config"] = BertConfig.from_pretrained(question_folder)
@@ -65,7 +63,7 @@ def build_model(config: TrainConfig) -> tuple[Med2E3ForConditionalGeneration, Me
         model = Med2E3ForConditionalGeneration(Med2E3Config.from_preset(section.preset, **overrides))
         processor = Med2E3Processor.for_config(model.config, question_tokenizer=question_tokenizer)
         if section.language_model:
-            load_pretrained_part(model.language_model, bundled_folder(section.language_model))
+            load_pretrained_part(model.language_model, named_folder(section.language_model))
         if question_folder and hasattr(model, "question_encoder"):  # mean / none: no question encoder
             load_pretrained_part(model.question_encoder, question_folder)
     if section.init_from and section.slice_aggregation not in (None, model.config.slice_aggregation):
