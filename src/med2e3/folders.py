@@ -20,10 +20,15 @@ BUNDLED_TINY_MODEL = "bundled:tiny_model"
 TOKENIZER_VOCAB_FILES: tuple[str, ...] = ("tokenizer.json", "tokenizer.model", "vocab.txt", "vocab.json")
 
 
+def holds_tokenizer(folder: Path) -> bool:
+    """Whether ``folder`` holds a tokenizer's vocabulary file (`TOKENIZER_VOCAB_FILES`)."""
+    return any((folder / name).is_file() for name in TOKENIZER_VOCAB_FILES)
+
+
 def check_tokenizer_folder(folder: str | Path) -> Path:
     """Raise ConfigError naming ``folder`` unless it holds tokenizer files."""
     folder = Path(folder)
-    if not any((folder / name).is_file() for name in TOKENIZER_VOCAB_FILES):
+    if not holds_tokenizer(folder):
         raise ConfigError(f"{folder}: no tokenizer files (none of {', '.join(TOKENIZER_VOCAB_FILES)})")
     return folder
 
@@ -31,11 +36,16 @@ def check_tokenizer_folder(folder: str | Path) -> Path:
 def check_model_folder(path: str | Path, role: str = "model folder") -> Path:
     """Raise ConfigError unless ``path`` holds a complete med2e3 model: its config, readable weights and
     tokenizer files. ``role`` names the folder in the message (e.g. ``model.init_from``)."""
-    path = Path(path)
-    model_type = _folder_config(path, role, "med2e3 model").get("model_type")
-    if model_type != MODEL_TYPE:
-        raise ConfigError(f"{path}: not a med2e3 model (config.json says model_type={model_type!r})")
-    _check_folder_weights(path, "was its training run finished?")
+    return _check_typed_folder(Path(path), role, "med2e3 model", MODEL_TYPE, "was its training run finished?")
+
+
+def _check_typed_folder(path: Path, role: str, kind: str, model_type: str, hint: str) -> Path:
+    """Raise ConfigError unless ``path`` holds a ``kind`` (its config's ``model_type``), readable weights
+    (``hint`` ends the message when there are none) and tokenizer files."""
+    found = _folder_config(path, role, kind).get("model_type")
+    if found != model_type:
+        raise ConfigError(f"{path / 'config.json'}: {role} is not a {kind} (model_type={found!r})")
+    _check_folder_weights(path, hint)
     check_tokenizer_folder(path)
     return path
 
@@ -116,15 +126,7 @@ PACKAGED_QUESTION_ENCODERS: dict[str, tuple[str, str]] = {
 def check_question_encoder_folder(path: str | Path, role: str = "model.question_encoder") -> Path:
     """Raise ConfigError unless ``path`` holds a BERT model (``model_type: bert``, readable weights) and its
     tokenizer; the message names the folder or the file at fault."""
-    path = Path(path)
-    model_type = _folder_config(path, role, "BERT model").get("model_type")
-    if model_type != "bert":
-        raise ConfigError(
-            f"{path / 'config.json'}: {role} must be a BERT model (config.json says model_type={model_type!r})"
-        )
-    _check_folder_weights(path, f"for {role}")
-    check_tokenizer_folder(path)
-    return path
+    return _check_typed_folder(Path(path), role, "BERT model", "bert", f"for {role}")
 
 
 def named_folder(value: str | Path) -> Path:

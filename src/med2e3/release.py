@@ -49,6 +49,7 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_N
 from med2e3.config import Med2E3Config, ViT3DConfig
 from med2e3.data.processor import IMAGE_TOKEN, Med2E3Processor
 from med2e3.errors import InputError, Med2E3Error
+from med2e3.folders import holds_tokenizer
 from med2e3.model import Med2E3ForConditionalGeneration
 
 logger = logging.getLogger(__name__)
@@ -73,7 +74,6 @@ WEIGHT_FILES: tuple[str, ...] = (
     "pytorch_model.bin",
     "pytorch_model.bin.index.json",
 )
-TOKENIZER_FILES: tuple[str, ...] = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.txt")
 
 # args/config.json values of the published model; anything else is a variant this loader does not implement.
 RELEASE_SETTINGS: dict[str, Any] = {
@@ -423,7 +423,7 @@ def _load_tokenizer(
     if source is not None:
         folder = Path(source)
     else:
-        folder = next((f for f in search if any((f / n).is_file() for n in TOKENIZER_FILES)), None)
+        folder = next((f for f in search if holds_tokenizer(f)), None)
         if folder is None:
             return None
     try:
