@@ -89,6 +89,18 @@ def test_upload_each_format(client, data: bytes, shape: list, spacing: list | No
         assert len(list((folder / "dicom").iterdir())) == 12
 
 
+def test_upload_says_when_the_ct_window_does_not_suit_the_volume(client) -> None:
+    assert upload(client, nifti_bytes()).json()["warning"] is None  # a CT: air, fat and soft tissue
+    rng = np.random.default_rng(0)
+    mri = rng.uniform(0, 1500, size=(48, 48, 24)).astype(np.float32)  # no air, no fat: not CT numbers
+    data = gzip.compress(nib.Nifti1Image(mri, np.eye(4)).to_bytes())
+    body = upload(client, data, name="t1.nii.gz").json()
+    assert body["warning"].startswith("t1.nii.gz: intensities in [")  # named by the client's label ...
+    assert "minmax" in body["warning"]
+    assert str(client.app.state.server.store.root) not in body["warning"]  # ... never by a server path
+    assert client.get(f"/api/volumes/{body['id']}").json()["warning"] == body["warning"]
+
+
 def test_ask_reuses_the_encoding(client, predictor, monkeypatch) -> None:
     vid = upload(client, nifti_bytes()).json()["id"]
     loads = []

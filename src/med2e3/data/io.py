@@ -228,8 +228,9 @@ def check_scan_size(volume: Volume) -> Volume:
     return volume
 
 
-def ct_window_problem(volume: Volume, window: str) -> str | None:
-    """Why the CT ``window`` plainly does not suit ``volume``'s intensities, or None.
+def ct_window_problem(volume: Volume, window: str, name: str | None = None) -> str | None:
+    """Why the CT ``window`` plainly does not suit ``volume``'s intensities, or None; the message names
+    the volume by ``name`` (default: its source).
 
     A volume read as CT numbers whose values hold no air (nothing below -500 HU) and either no fat
     (nothing below -30 HU) or values past 12-bit CT (above 4000) is no CT in Hounsfield units: an MRI,
@@ -240,7 +241,8 @@ def ct_window_problem(volume: Volume, window: str) -> str | None:
     low, high = float(volume.array.min()), float(volume.array.max())
     if low < _CT_AIR or (low < _CT_FAT and high <= _CT_MAX):
         return None
-    where = f"{volume.source}: " if volume.source is not None else ""
+    name = name if name is not None else volume.source
+    where = f"{name}: " if name is not None else ""
     return (
         f"{where}intensities in [{low:.4g}, {high:.4g}] do not look like CT Hounsfield units, so the "
         f"{window!r} CT window shows the model flat grey slices; for MRI and other non-CT images use "

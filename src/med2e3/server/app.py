@@ -32,7 +32,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
 from med2e3.data.datasets import REPORT_INSTRUCTIONS
-from med2e3.data.io import WINDOWS, Volume
+from med2e3.data.io import WINDOWS, Volume, ct_window_problem
 from med2e3.errors import InputError, Med2E3Error, VolumeError, VolumeSizeError
 from med2e3.inference import MAX_QUESTION_CHARS, Answer, LoadedVolume, Med2E3Predictor, Question
 from med2e3.server.guard import Guard
@@ -73,6 +73,9 @@ class VolumeOut(BaseModel):
     spacing: list[float] = Field(description="voxel size in mm along (D, H, W)")
     n_slices: int = Field(description="D: slices that /slices/{k}.png serves, k = 0 .. D-1")
     intensity: str = Field(description="'hu' (CT numbers) or 'unit' ([0, 1] values, e.g. .npy)")
+    warning: str | None = Field(
+        None, description="why answers about this volume may be unreliable (e.g. an MRI under a CT window)"
+    )
 
 
 class AskIn(BaseModel):
@@ -488,7 +491,8 @@ def _add_routes(app: FastAPI, server: ServerState) -> None:
                 loaded = await server.queue.run(server.predictor.load, volume)
             except VolumeError as err:
                 raise refused(label, err) from None
-            entry = server.store.add(vid, source, label, loaded)
+            warning = ct_window_problem(volume, server.predictor.window, name=label)
+            entry = server.store.add(vid, source, label, loaded, warning)
         except BaseException:
             server.store.discard(vid)
             raise

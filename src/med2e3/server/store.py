@@ -32,6 +32,7 @@ class StoredVolume:
     intensity: str
     value_range: tuple[float, float]
     disk_bytes: int
+    warning: str | None = None  # why answers about it may be unreliable (e.g. an MRI under a CT window)
     last_used: float = field(default=0.0)
 
     def info(self) -> dict:
@@ -42,6 +43,7 @@ class StoredVolume:
             "spacing": list(self.spacing),
             "n_slices": self.shape[0],
             "intensity": self.intensity,
+            "warning": self.warning,
         }
 
 
@@ -104,7 +106,9 @@ class VolumeStore:
             self._volumes.pop(vid, None)
         shutil.rmtree(self.root / vid, ignore_errors=True)
 
-    def add(self, vid: str, source: Path, label: str, loaded: LoadedVolume) -> StoredVolume:
+    def add(
+        self, vid: str, source: Path, label: str, loaded: LoadedVolume, warning: str | None = None
+    ) -> StoredVolume:
         """Register an upload whose files are in its folder, evicting the least recently used beyond the limits."""
         volume = loaded.volume
         entry = StoredVolume(
@@ -116,6 +120,7 @@ class VolumeStore:
             intensity=volume.intensity,
             value_range=(float(volume.array.min()), float(volume.array.max())),
             disk_bytes=_disk_bytes(self.root / vid),
+            warning=warning,
             last_used=self.clock(),
         )
         with self._lock:

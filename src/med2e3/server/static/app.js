@@ -11,7 +11,7 @@ const MAX_CACHED_SLICES = 256;
 const state = {
   token: null,
   info: null,
-  volume: null, // {id, name, shape, spacing, n_slices, intensity}
+  volume: null, // {id, name, shape, spacing, n_slices, intensity, warning}
   window: "abdomen",
   k: 0,
   answerLabel: "",
@@ -203,7 +203,8 @@ function setVolume(volume) {
   const [, sh, sw] = volume.spacing;
   $("volume-info").textContent =
     `${volume.name} — ${d} × ${h} × ${w} voxels, ${volume.spacing.map((s) => s.toFixed(2)).join(" × ")} mm` +
-    (volume.intensity === "unit" ? " — values in [0, 1]: CT windows show them as stored" : "");
+    (volume.intensity === "unit" ? " — values in [0, 1]: CT windows show them as stored" : "") +
+    (volume.warning ? ` — warning: ${volume.warning}` : "");
   $("volume-info").dataset.id = volume.id;
   const slider = $("depth");
   slider.max = String(d - 1);
