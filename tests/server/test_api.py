@@ -89,6 +89,7 @@ def test_upload_each_format(client, data: bytes, shape: list, spacing: list | No
         assert len(list((folder / "dicom").iterdir())) == 12
 
 
+@pytest.mark.filterwarnings("ignore::med2e3.data.io.VolumeWarning")  # the server log's copy of it
 def test_upload_says_when_the_ct_window_does_not_suit_the_volume(client) -> None:
     assert upload(client, nifti_bytes()).json()["warning"] is None  # a CT: air, fat and soft tissue
     rng = np.random.default_rng(0)
