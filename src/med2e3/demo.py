@@ -47,6 +47,13 @@ class DemoBudget:
 
 #: Both stages from the stage-0 LLM (`run_demo` with ``start=None``): about 10 minutes on 2 CPU cores.
 FROM_SCRATCH = DemoBudget(finetune_epochs=3.0, lr=1e-3)
+
+
+def default_budget(start: str | None) -> DemoBudget:
+    """The budget for a fine-tune of ``start``, or `FROM_SCRATCH` when there is none."""
+    return DemoBudget() if start else FROM_SCRATCH
+
+
 #: What the shipped model's folder records about the run that made it (its data seeds).
 TRAINED_ON = "trained_on.json"
 
@@ -202,7 +209,7 @@ def run_demo(
     ``start`` is a trained model folder, measured then fine-tuned on the demo's volumes (default: the
     shipped one); ``None`` trains the tiny preset from the stage-0 LLM (both stages; see `FROM_SCRATCH`).
     """
-    budget = budget or (DemoBudget() if start else FROM_SCRATCH)
+    budget = budget or default_budget(start)
     if start:
         _check_unseen(start, seed)
     out = Path(out_dir)

@@ -34,9 +34,12 @@ def check_tokenizer_folder(folder: str | Path) -> Path:
 
 
 def check_model_folder(path: str | Path, role: str = "model folder") -> Path:
-    """Raise ConfigError unless ``path`` holds a complete med2e3 model: its config, readable weights and
-    tokenizer files. ``role`` names the folder in the message (e.g. ``model.init_from``)."""
-    return _check_typed_folder(Path(path), role, "med2e3 model", MODEL_TYPE, "was its training run finished?")
+    """The folder ``path`` names (`named_folder`); ConfigError unless it holds a complete med2e3 model: its
+    config, readable weights and tokenizer files. ``role`` names the folder in the message (e.g.
+    ``model.init_from``)."""
+    return _check_typed_folder(
+        named_folder(path), role, "med2e3 model", MODEL_TYPE, "was its training run finished?"
+    )
 
 
 def _check_typed_folder(path: Path, role: str, kind: str, model_type: str, hint: str) -> Path:
@@ -99,9 +102,10 @@ _LLM_SHAPE_FIELDS: tuple[str, ...] = (
 
 
 def check_llm_folder(path: str | Path, expected: dict, role: str = "model.language_model") -> Path:
-    """Raise ConfigError unless ``path`` holds a causal LM (config + readable weights) shaped like
-    ``expected`` (a text config as a dict); the message names the file and the fields that differ."""
-    path = Path(path)
+    """The folder ``path`` names (`named_folder`); ConfigError unless it holds a causal LM (config + readable
+    weights) shaped like ``expected`` (a text config as a dict); the message names the file and the fields
+    that differ."""
+    path = named_folder(path)
     found = _folder_config(path, role, "language model")
     differ = [
         f"{key} {found.get(key)!r} (preset: {expected.get(key)!r})"
@@ -124,9 +128,9 @@ PACKAGED_QUESTION_ENCODERS: dict[str, tuple[str, str]] = {
 
 
 def check_question_encoder_folder(path: str | Path, role: str = "model.question_encoder") -> Path:
-    """Raise ConfigError unless ``path`` holds a BERT model (``model_type: bert``, readable weights) and its
-    tokenizer; the message names the folder or the file at fault."""
-    return _check_typed_folder(Path(path), role, "BERT model", "bert", f"for {role}")
+    """The folder ``path`` names (`named_folder`); ConfigError unless it holds a BERT model (``model_type:
+    bert``, readable weights) and its tokenizer; the message names the folder or the file at fault."""
+    return _check_typed_folder(named_folder(path), role, "BERT model", "bert", f"for {role}")
 
 
 def named_folder(value: str | Path) -> Path:

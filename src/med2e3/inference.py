@@ -48,7 +48,7 @@ from med2e3.data.processor import Med2E3Processor, check_orientation, check_wind
 from med2e3.data.transforms import prepare_volume, source_slice_ranges
 from med2e3.errors import DatasetError, InputError, Med2E3Error
 from med2e3.files import write_atomic
-from med2e3.folders import check_model_folder, named_folder
+from med2e3.folders import check_model_folder
 from med2e3.graphs import GraphedCall, pad_questions, question_buckets
 from med2e3.model import Med2E3ForConditionalGeneration, VolumeEncoding
 
@@ -238,7 +238,7 @@ class Med2E3Predictor:
         **kwargs: Any,
     ) -> Med2E3Predictor:
         """Load a model folder; ``device`` defaults to CUDA when available, ``dtype`` to bf16 there, fp32 on CPU."""
-        path = check_model_folder(named_folder(path))
+        path = check_model_folder(path)
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
         with _quiet_loading():

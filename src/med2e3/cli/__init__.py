@@ -155,11 +155,13 @@ def _convert_release(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
-    from med2e3.demo import FROM_SCRATCH, DemoBudget, run_demo
+    from med2e3.demo import default_budget, run_demo
     from med2e3.folders import BUNDLED_TINY_MODEL
 
-    budget = replace(FROM_SCRATCH if args.from_scratch else DemoBudget(), volumes=args.volumes)
-    run_demo(args.out, seed=args.seed, budget=budget, start=None if args.from_scratch else BUNDLED_TINY_MODEL)
+    start = None if args.from_scratch else BUNDLED_TINY_MODEL
+    run_demo(
+        args.out, seed=args.seed, budget=replace(default_budget(start), volumes=args.volumes), start=start
+    )
     return 0
 
 

@@ -491,7 +491,7 @@ def _add_routes(app: FastAPI, server: ServerState) -> None:
                 loaded = await server.queue.run(server.predictor.load, volume)
             except VolumeError as err:
                 raise refused(label, err) from None
-            warning = ct_window_problem(volume, server.predictor.window, name=label)
+            warning = await run_in_threadpool(ct_window_problem, volume, server.predictor.window, label)
             entry = server.store.add(vid, source, label, loaded, warning)
         except BaseException:
             server.store.discard(vid)

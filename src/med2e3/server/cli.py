@@ -141,7 +141,7 @@ class _HideToken(logging.Filter):
 def check_args(args: argparse.Namespace) -> ServerSettings:
     """Everything about ``serve`` arguments that can be refused before loading the model."""
     from med2e3.data.io import WINDOWS
-    from med2e3.folders import check_model_folder, named_folder
+    from med2e3.folders import check_model_folder
 
     check_bind(args.host, args.token)
     if args.window is not None and args.window not in WINDOWS:
@@ -149,7 +149,7 @@ def check_args(args: argparse.Namespace) -> ServerSettings:
     if args.threads is not None and args.threads < 1:
         raise ConfigError(f"--threads: must be at least 1, got {args.threads}")
     settings = settings_from_args(args)
-    check_model_folder(named_folder(args.model))
+    check_model_folder(args.model)
     return settings
 
 

@@ -22,7 +22,6 @@ from med2e3.folders import (
     check_llm_folder,
     check_model_folder,
     check_question_encoder_folder,
-    named_folder,
 )
 from med2e3.training.config import TrainConfig, config_to_dict
 
@@ -155,11 +154,11 @@ def preflight(config: TrainConfig, overwrite: bool = False) -> bool:
     if config.data.cache_dir:
         check_writable_folder(Path(config.data.cache_dir), "data.cache_dir")
     if config.model.init_from:
-        check_model_folder(named_folder(config.model.init_from), role="model.init_from")
+        check_model_folder(config.model.init_from, role="model.init_from")
     if config.model.language_model:
-        check_llm_folder(named_folder(config.model.language_model), preset_text_config(config))
+        check_llm_folder(config.model.language_model, preset_text_config(config))
     if config.model.question_encoder:
-        check_question_encoder_folder(named_folder(config.model.question_encoder))
+        check_question_encoder_folder(config.model.question_encoder)
     return check_resume(config, overwrite)
 
 

@@ -45,7 +45,7 @@ def build_model(config: TrainConfig) -> tuple[Med2E3ForConditionalGeneration, Me
     """A preset model (random init) or a med2e3 model folder, with its processor."""
     section = config.model
     if section.init_from:
-        folder = check_model_folder(named_folder(section.init_from), role="model.init_from")
+        folder = check_model_folder(section.init_from, role="model.init_from")
         model = Med2E3ForConditionalGeneration.from_pretrained(folder)
         processor = Med2E3Processor.from_pretrained(folder)
     else:
