@@ -13,13 +13,13 @@ from transformers import AutoModelForCausalLM
 
 from med2e3.config import Med2E3Config
 from med2e3.data.processor import IGNORE_INDEX, Med2E3Processor
-from med2e3.errors import ConfigError
+from med2e3.errors import ConfigError, DatasetError
 from med2e3.folders import BUNDLED_TINY_LLM, check_llm_folder, named_folder
 from med2e3.model import Med2E3ForConditionalGeneration
 from med2e3.training import train
 from med2e3.training.config import config_from_dict
 from med2e3.training.letters import LookupDataset, benchmark_choices, lookup_accuracy, lookup_example
-from med2e3.training.trainer import answer_mean_loss, build_model
+from med2e3.training.trainer import answer_mean_loss, build_model, relevant_slice_loss
 
 TINY_TEXT = Med2E3Config.from_preset("tiny").text_config.to_dict()
 
@@ -142,3 +142,77 @@ def test_answer_loss_and_a_trainable_3d_encoder_train(tmp_path, tiny_dataset):
     bundled = load_file(named_folder(BUNDLED_TINY_LLM) / "model.safetensors")
     for name, value in bundled.items():  # loaded, then frozen in stage 1
         assert torch.equal(after[f"language_model.{name}"], value), name
+
+
+def test_relevant_slice_loss_rewards_mass_on_the_listed_slices():
+    scores = torch.tensor([[0.7, 0.1, 0.1, 0.1], [0.25, 0.25, 0.25, 0.25], [0.1, 0.2, 0.3, 0.4]])
+    relevant = torch.tensor([[1, 0, 0, 0], [1, 1, 0, 0], [1, 1, 1, 1]], dtype=torch.bool)
+    got = relevant_slice_loss(scores, relevant)
+    assert torch.allclose(got, -(torch.tensor(0.7).log() + torch.tensor(0.5).log()) / 2)  # row 3: all slices
+    none = torch.zeros_like(relevant)
+    assert relevant_slice_loss(scores.requires_grad_(), none).item() == 0.0
+
+
+def _with_relevant_slices(path, slices) -> None:
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    path.write_text("".join(json.dumps({**row, "relevant_slices": slices}) + "\n" for row in rows))
+
+
+def _relevant_mass(model_dir, data, slices) -> float:
+    from med2e3.inference import Med2E3Predictor
+
+    predictor = Med2E3Predictor.from_pretrained(model_dir)
+    predictor.load(data.parent / "vol0.npy")
+    scores = predictor.slice_scores("Where is the bright lesion?")
+    return sum(scores[i] for i in slices)
+
+
+def test_the_slice_loss_moves_tgis_towards_the_relevant_slices(tmp_path, tiny_dataset):
+    slices = list(range(10, 20))  # the bright block's slices
+    _with_relevant_slices(tiny_dataset, slices)
+    masses = {}
+    for weight in (0.0, 5.0):
+        config = config_from_dict(
+            fields(
+                tmp_path / str(weight),
+                tiny_dataset,
+                max_steps=20,
+                lr=1e-2,
+                slice_loss_weight=weight,
+                model={"preset": "tiny"},
+            )
+        )
+        torch.manual_seed(0)
+        masses[weight] = _relevant_mass(train(config), tiny_dataset, slices)
+    uniform = len(slices) / 32
+    assert masses[5.0] > masses[0.0] + 0.05 and masses[5.0] > uniform + 0.05, masses
+
+
+def test_the_slice_loss_needs_listed_slices_in_range(tmp_path, tiny_dataset):
+    config = config_from_dict(fields(tmp_path, tiny_dataset, max_steps=1, slice_loss_weight=1.0))
+    with pytest.raises(ConfigError, match="no example of data.train lists relevant slices"):
+        train(config)
+    _with_relevant_slices(tiny_dataset, [3, 32])
+    with pytest.raises(DatasetError, match="relevant slice 32 is outside the model's 32 slices"):
+        train(config)
+    assert not (tmp_path / "run").exists()
+    with pytest.raises(ConfigError, match="slice_loss_weight must be at least 0"):
+        config_from_dict(fields(tmp_path, tiny_dataset, slice_loss_weight=-1))
+
+
+def test_reinit_question_encoder_restarts_only_the_tgis_question_path(tmp_path, tiny_dataset, tiny_model_dir):
+    raw = fields(tmp_path, tiny_dataset, stage="finetune", model={"init_from": str(tiny_model_dir)})
+    kept, _ = build_model(config_from_dict(raw))
+    raw["model"]["reinit_question_encoder"] = True
+    fresh, _ = build_model(config_from_dict(raw))
+    again, _ = build_model(config_from_dict(raw))
+    old, new, same = kept.state_dict(), fresh.state_dict(), again.state_dict()
+    changed = {n for n in old if not torch.equal(old[n], new[n])}
+    assert changed and all(n.startswith(("question_encoder.", "tgis.text_proj.")) for n in changed)
+    assert (
+        "tgis.text_proj.weight" in changed and "question_encoder.embeddings.word_embeddings.weight" in changed
+    )
+    assert all(torch.equal(new[n], same[n]) for n in new)  # seeded
+    raw.update(stage="pretrain", model={"preset": "tiny", "reinit_question_encoder": True})
+    with pytest.raises(ConfigError, match="applies to model.init_from"):
+        config_from_dict(raw)

@@ -35,6 +35,9 @@ class ModelSection:
     # TG-IS have no question encoder and take only its config
     question_encoder: str | None = None
     slice_aggregation: str | None = None  # overrides the preset's value
+    # start init_from's TG-IS question encoder and text projection again from random init (seeded): a
+    # small BERT trained on the answer loss alone can collapse to one output for every question
+    reinit_question_encoder: bool = False
     overrides: dict[str, Any] = field(default_factory=dict)  # other top-level Med2E3Config fields
 
 
@@ -75,6 +78,9 @@ class TrainConfig:
     # "token": every answer token weighs the same (the release); "answer": every answer does, so one-word
     # answers are not drowned by long ones
     loss_average: Literal["token", "answer"] = "token"
+    # weight of -log(TG-IS score mass on a question's relevant slices), added to the answer loss for
+    # examples that list them (the synthetic benchmark does); 0 is the paper's recipe (answer loss only)
+    slice_loss_weight: float = 0.0
     seed: int = 0
     epochs: float = 1.0
     max_steps: int = -1
@@ -109,6 +115,10 @@ class TrainConfig:
             raise ConfigError(
                 "model.question_encoder brings its own config: drop model.overrides.question_encoder_config"
             )
+        if self.model.reinit_question_encoder and not self.model.init_from:
+            raise ConfigError(
+                "model.reinit_question_encoder applies to model.init_from (a preset starts random)"
+            )
         if self.lora.enabled and self.stage != "finetune":
             raise ConfigError("lora.enabled applies to stage 'finetune' only")
         unknown = set(self.report_to) - {"csv", "tensorboard"}
@@ -130,6 +140,7 @@ _MINIMUM: dict[str, float] = {
     "weight_decay": 0,
     "warmup_ratio": 0,
     "max_grad_norm": 0,
+    "slice_loss_weight": 0,
     "max_length": 1,
     "logging_steps": 1,
     "save_steps": 1,

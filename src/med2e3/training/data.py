@@ -86,21 +86,39 @@ class VolumeTextDataset(Dataset):
         if self.augment:
             seed = (self.seed * 1_000_003 + self.epoch * 7_919 + index) % 2**31
             volume = augment(volume, seed, self._augmentation)
-        return {"pixel_values": volume, "text": ex.prompt, "question": ex.question, "answer": ex.answer}
+        return {
+            "pixel_values": volume,
+            "text": ex.prompt,
+            "question": ex.question,
+            "answer": ex.answer,
+            "relevant_slices": ex.relevant_slices,
+        }
 
 
 class Collator:
-    """Pads a list of items into one batch through the processor (the chat template's single source)."""
+    """Pads a list of items into one batch through the processor (the chat template's single source).
 
-    def __init__(self, processor: Med2E3Processor):
+    With ``num_slices`` the batch also carries ``relevant_slices``, a B x S mask of each example's relevant
+    model slices (all False where the example lists none), for the relevant-slice loss.
+    """
+
+    def __init__(self, processor: Med2E3Processor, num_slices: int | None = None):
         self.processor = processor
+        self.num_slices = num_slices
 
     def __call__(self, items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        batch = self.processor(
-            [it["text"] for it in items],
-            questions=[it["question"] for it in items],
-            answers=[it["answer"] for it in items],
-            volumes=[it["pixel_values"] for it in items],
-            padding_side="right",
+        batch = dict(
+            self.processor(
+                [it["text"] for it in items],
+                questions=[it["question"] for it in items],
+                answers=[it["answer"] for it in items],
+                volumes=[it["pixel_values"] for it in items],
+                padding_side="right",
+            )
         )
-        return dict(batch)
+        if self.num_slices is not None:
+            mask = torch.zeros(len(items), self.num_slices, dtype=torch.bool)
+            for row, item in enumerate(items):
+                mask[row, list(item["relevant_slices"] or ())] = True
+            batch["relevant_slices"] = mask
+        return batch

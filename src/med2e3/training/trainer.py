@@ -19,8 +19,9 @@ from transformers import BertConfig, PreTrainedModel
 from transformers.trainer_callback import TrainerCallback
 
 from med2e3.config import Med2E3Config
+from med2e3.data.datasets import Example
 from med2e3.data.processor import IGNORE_INDEX, Med2E3Processor, load_tokenizer
-from med2e3.errors import ConfigError
+from med2e3.errors import ConfigError, DatasetError
 from med2e3.files import write_atomic
 from med2e3.folders import check_model_folder, named_folder
 from med2e3.model import Med2E3ForConditionalGeneration
@@ -48,6 +49,8 @@ def build_model(config: TrainConfig) -> tuple[Med2E3ForConditionalGeneration, Me
         folder = check_model_folder(section.init_from, role="model.init_from")
         model = Med2E3ForConditionalGeneration.from_pretrained(folder)
         processor = Med2E3Processor.from_pretrained(folder)
+        if section.reinit_question_encoder:
+            reinit_question_encoder(model, config.seed, folder)
     else:
         if not section.preset:
             raise ConfigError("model: set preset or init_from")
@@ -77,6 +80,18 @@ def build_model(config: TrainConfig) -> tuple[Med2E3ForConditionalGeneration, Me
     orientations = Counter(source.orientation for source in config.data.train)
     processor.orientation = orientations.most_common(1)[0][0]
     return model, processor
+
+
+def reinit_question_encoder(model: Med2E3ForConditionalGeneration, seed: int, folder: Path) -> None:
+    """Random (seeded) weights for the TG-IS question encoder and its text projection."""
+    if not hasattr(model, "question_encoder"):
+        raise ConfigError(
+            f"{folder}: model.reinit_question_encoder, but this model has no TG-IS question encoder"
+        )
+    torch.manual_seed(seed)  # a new module: init on loaded weights is skipped once they count as initialised
+    encoder = model.question_encoder
+    encoder.load_state_dict(type(encoder)(encoder.config).state_dict())
+    model.tgis.text_proj.reset_parameters()
 
 
 def load_pretrained_part(part: PreTrainedModel, folder: Path) -> None:
@@ -115,6 +130,29 @@ class _AnswerMeanLoss:
         return answer_mean_loss(outputs, labels) / self.grad_accum
 
 
+def relevant_slice_loss(scores: torch.Tensor, relevant: torch.Tensor) -> torch.Tensor:
+    """Mean of -log(score mass on the relevant slices) over the rows whose mask selects some but not all
+    slices (B x S scores and mask); 0 (with a graph) when no row does."""
+    relevant = relevant.to(scores.device)
+    rows = relevant.any(1) & ~relevant.all(1)
+    mass = (scores.float() * relevant).sum(1)[rows]
+    return -mass.clamp(1e-6, 1.0).log().mean() if rows.any() else scores.sum() * 0.0
+
+
+def check_relevant_slices(examples: list[Example], num_slices: int) -> None:
+    """Before training with the relevant-slice loss: some example lists relevant slices, all in range."""
+    listed = [ex for ex in examples if ex.relevant_slices]
+    if not listed:
+        raise ConfigError("slice_loss_weight > 0, but no example of data.train lists relevant slices")
+    for ex in listed:
+        if max(ex.relevant_slices) >= num_slices:
+            raise DatasetError(
+                ex.volume,
+                f"example {ex.id!r}: relevant slice {max(ex.relevant_slices)} is outside the model's "
+                f"{num_slices} slices",
+            )
+
+
 def apply_lora(model: Med2E3ForConditionalGeneration, config: TrainConfig) -> None:
     """Wrap the LLM with PEFT LoRA adapters (its base weights frozen)."""
     from peft import LoraConfig, get_peft_model
@@ -127,6 +165,31 @@ def apply_lora(model: Med2E3ForConditionalGeneration, config: TrainConfig) -> No
             r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=lora.target_modules
         ),
     )
+
+
+def _trainer_class(slice_loss_weight: float) -> type:
+    """The Trainer, plus ``slice_loss_weight`` x `relevant_slice_loss` on the TG-IS scores in training."""
+    from transformers import Trainer
+
+    if not slice_loss_weight:
+        return Trainer
+
+    class SliceLossTrainer(Trainer):
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            relevant = inputs.pop("relevant_slices")
+            loss, outputs = super().compute_loss(
+                model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch
+            )
+            if model.training and outputs.slice_scores is not None and outputs.slice_scores.requires_grad:
+                extra = slice_loss_weight * relevant_slice_loss(outputs.slice_scores, relevant)
+                # the same footing as the answer loss: the Trainer divides an unscaled loss by the steps
+                scaled = self.compute_loss_func is not None or (
+                    self.model_accepts_loss_kwargs and num_items_in_batch is not None
+                )
+                loss = loss + (extra / self.current_gradient_accumulation_steps if scaled else extra)
+            return (loss, outputs) if return_outputs else loss
+
+    return SliceLossTrainer
 
 
 # ---- checkpoints ----------------------------------------------------------------------------------
@@ -243,7 +306,7 @@ def train(config: TrainConfig, overwrite: bool = False) -> Path:
     output_dir = Path(config.output_dir)
     if preflight(config, overwrite):
         return output_dir
-    from transformers import Trainer, set_seed  # where a run starts: a refused run never pays for it
+    from transformers import set_seed  # where a run starts: a refused run never pays for it
 
     examples = load_examples(config.data.train, config.data.on_error)
     eval_examples = load_examples(config.data.eval, config.data.on_error) if config.data.eval else []
@@ -257,6 +320,9 @@ def train(config: TrainConfig, overwrite: bool = False) -> Path:
     )
     if config.lora.enabled:
         apply_lora(model, config)
+    num_slices = model.config.num_slices if config.slice_loss_weight else None
+    if num_slices is not None:
+        check_relevant_slices(examples, num_slices)
     size = tuple(model.config.vision3d_config.image_size)
     cache = VolumeCache(config.data.cache_dir, size, config.data.window)
     train_set = VolumeTextDataset(examples, cache, augment=config.data.augment, seed=config.seed)
@@ -267,12 +333,12 @@ def train(config: TrainConfig, overwrite: bool = False) -> Path:
     ]
     if "csv" in config.report_to:
         callbacks.append(CsvLossLog(output_dir))
-    trainer = Trainer(
+    trainer = _trainer_class(config.slice_loss_weight)(
         model=model,
         args=training_arguments(config),
         train_dataset=train_set,
         eval_dataset=eval_set,
-        data_collator=Collator(processor),
+        data_collator=Collator(processor, num_slices),
         callbacks=callbacks,
         compute_loss_func=_AnswerMeanLoss(config.grad_accum) if config.loss_average == "answer" else None,
     )
