@@ -8,6 +8,7 @@ import math
 import signal
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -185,3 +186,42 @@ def test_demo_seeds_table_lists_each_seed_and_the_mean():
         in text
     )
     assert "| mean answer loss per token | 0.300 / 0.300 (mean 0.300 ± 0.000) | 0.300" in text
+
+
+def test_lesion_ceiling_label_maps_align_with_the_model_input(bench_modules, capsys, tmp_path):
+    """The benchmark reads a volume as `load_volume` reads its file, its label maps (cropped and resized
+    like the image) put each lesion on voxels that differ from the organ the way its type does, and the
+    table has every setting with its majority rate."""
+    from benchmarks import lesion_ceiling
+
+    from med2e3.data.io import load_volume
+    from med2e3.data.synth import STRUCTURE_ID, SynthConfig, generate_benchmark
+
+    seed, volumes, size = 5000, 12, (32, 64, 64)
+    generate_benchmark(tmp_path, volumes, seed, workers=1, progress=False)
+    planes, signs = set(), {"cyst": [], "mass": [], "calcification": []}
+    for index in range(volumes):
+        volume, organs, lesions, labels = lesion_ceiling.read_case(seed, index, SynthConfig())
+        (path,) = tmp_path.glob(f"volumes/*/synth_{index:05d}.nii.gz")
+        stored = load_volume(path, orientation="acquisition")
+        assert np.array_equal(stored.array, volume.array) and np.allclose(stored.affine, volume.affine)
+        planes.add(labels["plane"])
+        view = lesion_ceiling.model_view(volume, organs, lesions, size)
+        assert view.image.shape == view.organs.shape == view.lesions.shape == size
+        for number, lesion in enumerate(labels["lesions"], 1):
+            spot = view.lesions == number
+            tissue = (view.organs == STRUCTURE_ID[lesion["organ"]]) & ~spot
+            if spot.any():  # a small calcification can fall between the resized grid's samples
+                signs[lesion["type"]].append(np.sign(view.image[spot].mean() - np.median(view.image[tissue])))
+    assert planes == {"axial", "coronal", "sagittal"}
+    assert all(len(found) >= 2 for found in signs.values())
+    assert set(signs["cyst"]) == {-1} and set(signs["mass"] + signs["calcification"]) == {1}
+
+    lesion_ceiling.main(["--volumes", str(volumes), "--seed", str(seed), "--native"])
+    rows = [line.split(" | ") for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
+    assert "majority rate, %" in rows[0]
+    settings = [row[0].removeprefix("| ") for row in rows[1:]]
+    assert settings == [f"{res}: {s}" for res in ("model", "native") for s in lesion_ceiling.SETTINGS]
+    for row in rows[1:]:
+        assert row[1] == rows[1][1]  # the same (volume, organ) pairs in every setting
+        assert 0 <= float(row[2]) <= 100 and 50 <= float(row[3]) <= 100  # "none" is the majority

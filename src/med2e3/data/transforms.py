@@ -34,18 +34,13 @@ def _check_size(size: tuple[int, int, int]) -> None:
 def preprocess_eval(image: np.ndarray | torch.Tensor, size: tuple[int, int, int]) -> torch.Tensor:
     """The eval pipeline of `build_transforms` on a ``(1, D, H, W)`` image in [0, 1], without MONAI.
 
-    Crop to the bounding box of `_foreground` (CropForegroundd, no margin), resize trilinearly
-    (Resized: ``F.interpolate`` in float32, ``align_corners=False``, skipped when the size already
-    fits), clip to [0, 1].
+    Crop to `foreground_box` (CropForegroundd, no margin), resize trilinearly (Resized:
+    ``F.interpolate`` in float32, ``align_corners=False``, skipped when the size already fits),
+    clip to [0, 1].
     """
     _check_size(size)
     image = torch.as_tensor(image, dtype=torch.float32)
-    mask = _foreground(image)[0]
-    box = []
-    for axis in range(3):
-        kept = mask.any(dim=tuple(a for a in range(3) if a != axis)).nonzero()
-        box.append(slice(int(kept[0]), int(kept[-1]) + 1))
-    image = image[(slice(None), *box)]
+    image = image[(slice(None), *foreground_box(image[0]))]
     if tuple(image.shape[1:]) != tuple(size):
         image = F.interpolate(image[None], size=size, mode="trilinear", align_corners=False)[0]
     return image.contiguous().clip(0.0, 1.0)
@@ -155,11 +150,24 @@ def source_slice_ranges(volume: Volume, n_slices: int, window: str = "abdomen") 
     Follows the eval pipeline: the foreground crop's depth extent, resized linearly to ``n_slices``.
     """
     image = volume.array if volume.intensity == "unit" else apply_window(volume.array, window)
-    depth_has_foreground = _foreground(image[None])[0].reshape(image.shape[0], -1).any(axis=1)
-    kept = depth_has_foreground.nonzero()[0]
-    first, extent = int(kept[0]), int(kept[-1]) - int(kept[0]) + 1
+    depth = foreground_box(image)[0]
+    first, extent = depth.start, depth.stop - depth.start
     bounds = [first + (j * extent) // n_slices for j in range(n_slices + 1)]
     return [(bounds[j], max(bounds[j + 1], bounds[j] + 1)) for j in range(n_slices)]
+
+
+def foreground_box(image: np.ndarray | torch.Tensor) -> tuple[slice, slice, slice]:
+    """The eval pipeline's crop of a ``(D, H, W)`` image in [0, 1]: the bounding box of `_foreground`.
+
+    `preprocess_eval` crops with these slices; a label map aligned with the image, cropped with them
+    and resized to the same size, stays aligned with the model's input.
+    """
+    mask = torch.as_tensor(_foreground(image))
+    box = []
+    for axis in range(3):
+        kept = mask.any(dim=tuple(a for a in range(3) if a != axis)).nonzero()
+        box.append(slice(int(kept[0]), int(kept[-1]) + 1))
+    return box[0], box[1], box[2]
 
 
 def _foreground(image: Any) -> Any:

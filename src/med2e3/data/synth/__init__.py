@@ -22,6 +22,7 @@ Volume ``index`` of a benchmark made with ``seed`` is ``generate_volume(case_rng
 """
 
 from med2e3.data.synth.anatomy import (
+    LESION_HOSTS,
     LESION_TYPES,
     ORGANS,
     PHASES,
@@ -61,6 +62,7 @@ __all__ = [
     "PHASES",
     "REGIONS",
     "LESION_TYPES",
+    "LESION_HOSTS",
     "ORGANS",
     "STRUCTURES",
     "STRUCTURE_ID",

@@ -55,7 +55,7 @@ _ORGAN_REGION = {
     "urinary bladder": "pelvis",
 }
 #: Lesion types each organ may carry (one lesion per organ, distinct types per volume).
-_LESION_HOSTS: dict[str, tuple[str, ...]] = {
+LESION_HOSTS: dict[str, tuple[str, ...]] = {
     "liver": LESION_TYPES,
     "spleen": LESION_TYPES,
     "right kidney": LESION_TYPES,
@@ -602,7 +602,7 @@ def _place_lesions(
     n_want = int(rng.choice(4, p=np.array(cfg.lesion_count_probs) / sum(cfg.lesion_count_probs)))
     kinds = [LESION_TYPES[i] for i in rng.permutation(3)[:n_want]]
     free = [
-        o for o in _LESION_HOSTS if o in hosts and (organ_map[hosts[o].box] == STRUCTURE_ID[o]).sum() >= 30
+        o for o in LESION_HOSTS if o in hosts and (organ_map[hosts[o].box] == STRUCTURE_ID[o]).sum() >= 30
     ]
     dk, depth, n_ms = grid.spacing[2], grid.shape[2], cfg.n_model_slices
     # cap: a voxel-centred ball spans s = 2 floor(r/dk) + 1 stored slices, i.e. <= ceil(s n/K) + 1 model
@@ -611,7 +611,7 @@ def _place_lesions(
     r_cap = 0.98 * dk * (half + 1) if half >= 0 else 0.45 * dk
     lesions: list[dict[str, Any]] = []
     for kind in kinds:
-        options = [o for o in free if kind in _LESION_HOSTS[o]]
+        options = [o for o in free if kind in LESION_HOSTS[o]]
         if not options:
             continue
         organ = options[int(rng.integers(len(options)))]

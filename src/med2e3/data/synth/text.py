@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from med2e3.data.synth.anatomy import _LESION_HOSTS, _PARTS, ORGANS, _location
+from med2e3.data.synth.anatomy import _PARTS, LESION_HOSTS, ORGANS, _location
 
 
 def _text_rng(seed: int, index: int) -> np.random.Generator:
@@ -167,7 +167,7 @@ def _questions(rng: np.random.Generator, labels: dict[str, Any]) -> list[dict[st
         add(3, organ_qs[i][0], organ_qs[i][1], organ_qs[i][2], organ_qs[i][3])
 
     asked = [les["organ"] for les in lesions]  # 4 Abnormality: lesion organs, then normal hosts
-    normal = [o for o in present if o in _LESION_HOSTS and o not in by_organ]
+    normal = [o for o in present if o in LESION_HOSTS and o not in by_organ]
     asked += _pick(rng, normal, max(0, 3 - len(asked)))
     for o in asked:
         les = by_organ.get(o)
@@ -180,11 +180,11 @@ def _questions(rng: np.random.Generator, labels: dict[str, Any]) -> list[dict[st
             les["model_slices"] if les else organs[o]["model_slices"],
         )
 
-    decoys = [_location(p, o) for o in present if o in _LESION_HOSTS for p in _PARTS]  # 5 Location
+    decoys = [_location(p, o) for o in present if o in LESION_HOSTS for p in _PARTS]  # 5 Location
     for les in lesions:
         same_organ = [_location(p, les["organ"]) for p in _PARTS]
         pool = [x["location"] for x in lesions] + _pick(rng, same_organ, 3) + _pick(rng, decoys, len(decoys))
-        pool += _pick(rng, [_location(p, o) for o in _LESION_HOSTS for p in _PARTS], 30)
+        pool += _pick(rng, [_location(p, o) for o in LESION_HOSTS for p in _PARTS], 30)
         add(
             5,
             _pick(rng, _Q_WHERE).format(w=_LESION_WORD[les["type"]]),
@@ -195,11 +195,11 @@ def _questions(rng: np.random.Generator, labels: dict[str, Any]) -> list[dict[st
     if len(lesions) == 1:
         les = lesions[0]
         pool = _pick(rng, [_location(p, les["organ"]) for p in _PARTS], 3) + [_NO_LESION]
-        pool += _pick(rng, [_location(p, o) for o in _LESION_HOSTS for p in _PARTS], 30)
+        pool += _pick(rng, [_location(p, o) for o in LESION_HOSTS for p in _PARTS], 30)
         add(5, _pick(rng, _Q_WHERE).format(w="abnormality"), les["location"], pool, les["model_slices"])
     if not lesions:
         pool = _pick(rng, decoys, len(decoys)) + _pick(
-            rng, [_location(p, o) for o in _LESION_HOSTS for p in _PARTS], 30
+            rng, [_location(p, o) for o in LESION_HOSTS for p in _PARTS], 30
         )
         add(5, _pick(rng, _Q_WHERE).format(w="abnormality"), _NO_LESION, pool, every)
     return out
