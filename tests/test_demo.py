@@ -29,6 +29,8 @@ def test_demo_reports_accuracy_image_reliance_and_tgis(tmp_path):
     assert tgis["question_dependence"] is not None
     assert set(tgis["relevant_mass"]) == set(tgis["uniform_mass"]) >= {"overall"}
     assert (tmp_path / "demo" / "tgis.png").is_file()
+    assert summary["figure_questions"] == str(tmp_path / "demo" / "tgis_questions.png")
+    assert (tmp_path / "demo" / "tgis_questions.png").is_file()
     info = tmp_path / "demo" / "finetune" / "training_info.json"
     before = info.read_bytes(), info.stat().st_mtime_ns
     again = run_demo(tmp_path / "demo", seed=0, budget=budget, start=None)  # trained stages are reused

@@ -17,7 +17,7 @@ from med2e3 import Med2E3Config, Med2E3ForConditionalGeneration, Med2E3Processor
 from med2e3.data.io import VolumeWarning
 from med2e3.errors import ConfigError, DatasetError, InputError, VolumeError
 from med2e3.inference import BatchResult, Med2E3Predictor, Question, completed_ids, read_batch_input
-from med2e3.viz import plot_slice_scores
+from med2e3.viz import plot_question_scores, plot_slice_scores
 
 QUESTIONS = ["Which organ has a lesion?", "In which plane is this image?", "What is in the left kidney?"]
 LONG_QUESTION = "Is there a lesion in the liver near the portal vein, and how large is it? " * 10
@@ -268,6 +268,13 @@ def test_figure_is_a_sensible_png(predictor, volume_path, tmp_path):
     assert pixels.std() > 10  # not a blank image
     with pytest.raises(ValueError, match="scores"):
         plot_slice_scores(loaded.pixel_values[0], answer.slice_scores[:10], tmp_path / "x.png")
+
+    curves = {q: predictor.slice_scores(q) for q in QUESTIONS[:2]}
+    path = plot_question_scores(curves, tmp_path / "questions.png", answer.slice_ranges)
+    with Image.open(path) as img:
+        assert img.format == "PNG" and np.asarray(img.convert("L")).std() > 10
+    with pytest.raises(ValueError, match="differ in length"):
+        plot_question_scores({"a": [0.5, 0.5], "b": [1.0]}, tmp_path / "y.png")
 
 
 def test_stream_raises_a_generation_error_instead_of_hanging(predictor, volume_path, monkeypatch):

@@ -29,7 +29,7 @@ from med2e3.folders import BUNDLED_TINY_LLM, BUNDLED_TINY_MODEL, named_folder
 from med2e3.inference import Med2E3Predictor
 from med2e3.training.config import config_from_dict
 from med2e3.training.trainer import TRAINING_INFO, train
-from med2e3.viz import plot_slice_scores
+from med2e3.viz import plot_question_scores, plot_slice_scores
 
 
 @dataclass(frozen=True)
@@ -56,6 +56,11 @@ def default_budget(start: str | None) -> DemoBudget:
 
 #: What the shipped model's folder records about the run that made it (its data seeds).
 TRAINED_ON = "trained_on.json"
+
+
+#: The relevant-slice loss of the shipped weights' last round (scripts/train_tiny_model.sh), so that the
+#: demo's fine-tune keeps TG-IS looking where each question points.
+SLICE_LOSS_WEIGHT = 0.5
 
 
 def _stage(out: Path, data: Path, stage: str, budget: DemoBudget, seed: int, start: str | None) -> Path:
@@ -90,6 +95,7 @@ def _stage(out: Path, data: Path, stage: str, budget: DemoBudget, seed: int, sta
             lr=budget.lr,
             train_vision3d=True,
             loss_average="answer",
+            slice_loss_weight=SLICE_LOSS_WEIGHT,
         )
     if (out / stage / TRAINING_INFO).is_file():  # train() checks that it was trained with these settings
         print(f"[demo] {stage}: already trained ({out / stage})")
@@ -253,9 +259,18 @@ def run_demo(
         answer.answer,
         answer.slice_ranges,
     )
+    curves = {
+        q.question: predictor.slice_scores(q.question)
+        for q in benchmark_examples(data, "vqa", "test", form="open")
+        if q.volume == ex.volume
+    }
+    compared = None
+    if all(curve is not None for curve in curves.values()):  # a model with TG-IS
+        compared = plot_question_scores(curves, out / "tgis_questions.png", answer.slice_ranges)
     summary = {
         "model": str(model_dir),
         "figure": str(figure),
+        "figure_questions": None if compared is None else str(compared),
         **measured,
         "start": before,
         "examples": asked,
@@ -312,6 +327,8 @@ def _print_summary(summary: dict[str, Any], out: Path) -> None:
         print(f"[demo] Q: {ex['question']}\n       A: {ex['answer']!r}   (reference: {ex['reference']!r})")
     print(f"[demo] model:   {summary['model']}")
     print(f"[demo] figure:  {summary['figure']}")
+    if summary.get("figure_questions"):
+        print(f"[demo] figure:  {summary['figure_questions']} (TG-IS of each question on one volume)")
     print(f"[demo] summary: {out / 'summary.json'}")
     print(
         f'[demo] try:     med2e3 ask {summary["examples"][0]["volume"]} "Which organ has a lesion?" '

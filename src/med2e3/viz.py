@@ -1,4 +1,5 @@
-"""Figures of where TG-IS looked: the slice-score curve over depth and the top-scoring slices."""
+"""Figures of where TG-IS looked: the slice-score curve over depth, the top-scoring slices, and the
+curves of several questions on one volume."""
 
 from __future__ import annotations
 
@@ -68,6 +69,38 @@ def plot_slice_scores(
         label = f"slice {j}" + (f" (orig. {slice_ranges[j][0]})" if slice_ranges is not None else "")
         ax.set_title(f"{label}\nweight {scores_arr[j]:.3f}", fontsize=9)
         ax.axis("off")
+    return _save(fig, Path(path))
+
+
+def plot_question_scores(
+    scores: dict[str, Sequence[float]],
+    path: str | Path,
+    slice_ranges: Sequence[tuple[int, int]] | None = None,
+) -> Path:
+    """Write a PNG: the TG-IS score curves of several questions on one volume, with the uniform level.
+
+    Args:
+        scores: question -> one TG-IS weight per model slice (all of the same length).
+        slice_ranges: as in `plot_slice_scores`, to label the x-axis in original slice numbers.
+    """
+    lengths = {len(v) for v in scores.values()}
+    if len(lengths) != 1:
+        raise ValueError(f"the questions' scores differ in length: {sorted(lengths)}")
+    n = lengths.pop()
+    fig, ax = plt.subplots(figsize=(10.0, 4.0), dpi=100)
+    x = np.arange(n)
+    for question, curve in scores.items():
+        ax.plot(x, curve, marker="o", markersize=3, linewidth=1.2, label=textwrap.shorten(question, 70))
+    ax.axhline(1.0 / n, color="grey", linestyle="--", linewidth=1, label="uniform")
+    ax.set_xlim(-0.6, n - 0.4)
+    ax.set_ylabel("TG-IS weight")
+    ax.set_xlabel("model slice (foot → head)")
+    if slice_ranges is not None:
+        ticks = x[:: max(1, n // 8)]
+        ax.set_xticks(ticks, [f"{t}\n({slice_ranges[t][0]})" for t in ticks])
+        ax.set_xlabel("model slice (original slice)   foot → head")
+    ax.set_title("TG-IS weights of different questions on the same volume", fontsize=10, loc="left")
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)
     return _save(fig, Path(path))
 
 
