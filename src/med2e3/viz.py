@@ -88,6 +88,7 @@ def plot_question_scores(
         raise ValueError(f"the questions' scores differ in length: {sorted(lengths)}")
     n = lengths.pop()
     fig, ax = plt.subplots(figsize=(10.0, 4.0), dpi=100)
+    ax.set_prop_cycle(color=plt.cm.tab20.colors)  # a volume has up to about a dozen questions
     x = np.arange(n)
     for question, curve in scores.items():
         ax.plot(x, curve, marker="o", markersize=3, linewidth=1.2, label=textwrap.shorten(question, 70))
