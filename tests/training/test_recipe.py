@@ -196,6 +196,13 @@ def test_the_slice_loss_needs_listed_slices_in_range(tmp_path, tiny_dataset):
     with pytest.raises(DatasetError, match="relevant slice 32 is outside the model's 32 slices"):
         train(config)
     assert not (tmp_path / "run").exists()
+    mean = config_from_dict(
+        fields(tmp_path, tiny_dataset, slice_loss_weight=1.0, model={"slice_aggregation": "mean"})
+    )
+    with pytest.raises(
+        ConfigError, match="slice_loss_weight trains TG-IS, but the model's slice_aggregation is 'mean'"
+    ):
+        train(mean)
     with pytest.raises(ConfigError, match="slice_loss_weight must be at least 0"):
         config_from_dict(fields(tmp_path, tiny_dataset, slice_loss_weight=-1))
 

@@ -139,8 +139,14 @@ def relevant_slice_loss(scores: torch.Tensor, relevant: torch.Tensor) -> torch.T
     return -mass.clamp(1e-6, 1.0).log().mean() if rows.any() else scores.sum() * 0.0
 
 
-def check_relevant_slices(examples: list[Example], num_slices: int) -> None:
-    """Before training with the relevant-slice loss: some example lists relevant slices, all in range."""
+def check_slice_loss(examples: list[Example], config: Med2E3Config) -> None:
+    """Before training with the relevant-slice loss: the model has TG-IS, and some example lists relevant
+    slices, all within the model's slices."""
+    if config.slice_aggregation != "tgis":
+        raise ConfigError(
+            f"slice_loss_weight trains TG-IS, but the model's slice_aggregation is {config.slice_aggregation!r}"
+        )
+    num_slices = config.num_slices
     listed = [ex for ex in examples if ex.relevant_slices]
     if not listed:
         raise ConfigError("slice_loss_weight > 0, but no example of data.train lists relevant slices")
@@ -322,7 +328,7 @@ def train(config: TrainConfig, overwrite: bool = False) -> Path:
         apply_lora(model, config)
     num_slices = model.config.num_slices if config.slice_loss_weight else None
     if num_slices is not None:
-        check_relevant_slices(examples, num_slices)
+        check_slice_loss(examples, model.config)
     size = tuple(model.config.vision3d_config.image_size)
     cache = VolumeCache(config.data.cache_dir, size, config.data.window)
     train_set = VolumeTextDataset(examples, cache, augment=config.data.augment, seed=config.seed)
