@@ -401,8 +401,8 @@ class Med2E3ForConditionalGeneration(Med2E3PreTrainedModel, GenerationMixin):
         ``train_vision3d`` also trains the 3D encoder (the release keeps its pretrained M3D-CLIP ViT frozen;
         a randomly initialised one has not learnt what to see). ``train_question_encoder`` also trains the
         TG-IS question encoder. The release keeps it frozen (it
-        is M3D-CLIP's pretrained BERT); a randomly initialised one must learn, or it maps every question to
-        nearly the same vector and TG-IS cannot tell questions apart.
+        is M3D-CLIP's pretrained BERT); a randomly initialised one maps every question to nearly the same
+        vector, and the answer loss alone did not teach the tiny preset's otherwise (docs/results.md).
         """
         if stage not in STAGE_TRAINABLE:
             raise ValueError(f"unknown training stage {stage!r}; choose from {sorted(STAGE_TRAINABLE)}")
