@@ -238,9 +238,9 @@ def run_demo(
     print(f"[demo] evaluating closed VQA on {len(closed)} held-out questions ...")
     measured = _measure(predictor, closed, train_closed)
 
-    examples = benchmark_examples(data, "vqa", "test", form="open")[:40:8]
+    test_open = benchmark_examples(data, "vqa", "test", form="open")
     asked = []
-    for ex in examples:
+    for ex in test_open[:40:8]:
         predictor.load(ex.volume)
         answer = predictor.ask(ex.question, max_new_tokens=24)
         asked.append(
@@ -259,13 +259,9 @@ def run_demo(
         answer.answer,
         answer.slice_ranges,
     )
-    curves = {
-        q.question: predictor.slice_scores(q.question)
-        for q in benchmark_examples(data, "vqa", "test", form="open")
-        if q.volume == ex.volume
-    }
     compared = None
-    if all(curve is not None for curve in curves.values()):  # a model with TG-IS
+    if answer.slice_scores is not None:  # every question of the last volume, on one figure
+        curves = {q.question: predictor.slice_scores(q.question) for q in test_open if q.volume == ex.volume}
         compared = plot_question_scores(curves, out / "tgis_questions.png", answer.slice_ranges)
     summary = {
         "model": str(model_dir),

@@ -47,14 +47,7 @@ def plot_slice_scores(
     x = np.arange(len(scores_arr))
     curve.bar(x, scores_arr, color="#4c72b0", width=0.85)
     curve.bar(top, scores_arr[top], color="#dd8452", width=0.85, label=f"top {top_k}")
-    curve.axhline(1.0 / len(scores_arr), color="grey", linestyle="--", linewidth=1, label="uniform")
-    curve.set_xlim(-0.6, len(scores_arr) - 0.4)
-    curve.set_ylabel("TG-IS weight")
-    curve.set_xlabel("model slice (foot → head)")
-    if slice_ranges is not None:
-        ticks = x[:: max(1, len(x) // 8)]
-        curve.set_xticks(ticks, [f"{t}\n({slice_ranges[t][0]})" for t in ticks])
-        curve.set_xlabel("model slice (original slice)   foot → head")
+    _depth_axes(curve, len(scores_arr), slice_ranges)
     curve.legend(loc="upper right", fontsize=8)
     title = "Which slices TG-IS weighted"
     if question:
@@ -92,17 +85,23 @@ def plot_question_scores(
     x = np.arange(n)
     for question, curve in scores.items():
         ax.plot(x, curve, marker="o", markersize=3, linewidth=1.2, label=textwrap.shorten(question, 70))
+    _depth_axes(ax, n, slice_ranges)
+    ax.set_title("TG-IS weights of different questions on the same volume", fontsize=10, loc="left")
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)
+    return _save(fig, Path(path))
+
+
+def _depth_axes(ax: plt.Axes, n: int, slice_ranges: Sequence[tuple[int, int]] | None) -> None:
+    """TG-IS weight over the ``n`` model slices: the uniform level, and the x-axis in model slices (with the
+    original slice each starts at, when ``slice_ranges`` is given)."""
     ax.axhline(1.0 / n, color="grey", linestyle="--", linewidth=1, label="uniform")
     ax.set_xlim(-0.6, n - 0.4)
     ax.set_ylabel("TG-IS weight")
     ax.set_xlabel("model slice (foot → head)")
     if slice_ranges is not None:
-        ticks = x[:: max(1, n // 8)]
+        ticks = np.arange(n)[:: max(1, n // 8)]
         ax.set_xticks(ticks, [f"{t}\n({slice_ranges[t][0]})" for t in ticks])
         ax.set_xlabel("model slice (original slice)   foot → head")
-    ax.set_title("TG-IS weights of different questions on the same volume", fontsize=10, loc="left")
-    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)
-    return _save(fig, Path(path))
 
 
 def _save(fig: plt.Figure, path: Path) -> Path:

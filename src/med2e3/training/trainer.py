@@ -326,8 +326,7 @@ def train(config: TrainConfig, overwrite: bool = False) -> Path:
     )
     if config.lora.enabled:
         apply_lora(model, config)
-    num_slices = model.config.num_slices if config.slice_loss_weight else None
-    if num_slices is not None:
+    if config.slice_loss_weight:
         check_slice_loss(examples, model.config)
     size = tuple(model.config.vision3d_config.image_size)
     cache = VolumeCache(config.data.cache_dir, size, config.data.window)
@@ -344,7 +343,7 @@ def train(config: TrainConfig, overwrite: bool = False) -> Path:
         args=training_arguments(config),
         train_dataset=train_set,
         eval_dataset=eval_set,
-        data_collator=Collator(processor, num_slices),
+        data_collator=Collator(processor, model.config.num_slices if config.slice_loss_weight else None),
         callbacks=callbacks,
         compute_loss_func=_AnswerMeanLoss(config.grad_accum) if config.loss_average == "answer" else None,
     )
