@@ -9,9 +9,15 @@
 #   round 8: the same with a fresh TG-IS question encoder (the trained one had collapsed to one output for
 #            every question) and the relevant-slice loss at weight 0.5 (1,600 volumes, seed 1007).
 # The demo refuses these seeds, so its held-out volumes are never ones these weights saw. Measured time and
-# machine: docs/results.md. Usage: bash scripts/train_tiny_model.sh [WORK_DIR]  (then commit the assets folder)
+# machine: docs/results.md. Usage: bash scripts/train_tiny_model.sh [WORK_DIR] [VARIANT]
+#   VARIANT tgis (default): the shipped starting point, copied into the assets folder (then commit it);
+#   VARIANT mean or none: the same rounds and data for that slice aggregation (round 8 without the two TG-IS
+#   changes), for the ablation's starting points; the model stays in WORK_DIR/round8.
+# Rerunning the same command resumes: finished rounds and volumes are reused.
 set -euo pipefail
 work=${1:-runs/tiny-model}
+variant=${2:-tgis}
+case $variant in tgis | mean | none) ;; *) echo "unknown variant '$variant' (tgis, mean, none)" >&2; exit 2 ;; esac
 dest=src/med2e3/assets/tiny_model
 start=$(date +%s)
 
@@ -30,7 +36,7 @@ finetune() {  # finetune OUTPUT INIT_FROM DATA CLOSED_AGAIN(yes|no) key=value...
 
 med2e3 data synth "$work/data" --n 1600 --seed 1000
 med2e3 train configs/tiny-pretrain.yaml output_dir="$work/pretrain" data.cache_dir="$work/data/.cache" \
-  "data.train=[{format: m3d_cap, path: $work/data/M3D_Cap.json, split: train, orientation: acquisition}]" \
+  model.slice_aggregation="$variant" "data.train=[{format: m3d_cap, path: $work/data/M3D_Cap.json, split: train, orientation: acquisition}]" \
   logging_steps=50
 finetune "$work/round1" "$work/pretrain" "$work/data" no epochs=2
 med2e3 data synth "$work/data2" --n 3200 --seed 1001
@@ -40,8 +46,16 @@ for round in 3 4 5 6 7; do
   finetune "$work/round$round" "$work/round$((round - 1))" "$work/data$round" yes epochs=1 lr=5e-4
 done
 med2e3 data synth "$work/data8" --n 1600 --seed 1007
-finetune "$work/round8" "$work/round7" "$work/data8" yes epochs=1 lr=5e-4 model.reinit_question_encoder=true \
-  slice_loss_weight=0.5
+if [ "$variant" = tgis ]; then
+  finetune "$work/round8" "$work/round7" "$work/data8" yes epochs=1 lr=5e-4 model.reinit_question_encoder=true \
+    slice_loss_weight=0.5
+else
+  finetune "$work/round8" "$work/round7" "$work/data8" yes epochs=1 lr=5e-4
+  printf '{"variant": "%s", "data_seeds": [1000, 1001, 1002, 1003, 1004, 1005, 1006, 1007], "seconds": %d}\n' \
+    "$variant" "$(( $(date +%s) - start ))" > "$work/round8/trained_on.json"
+  echo "wrote $work/round8 ($variant)"
+  exit 0
+fi
 
 rm -rf "$dest" && mkdir -p "$dest"
 cp -r "$work"/round8/{config.json,generation_config.json,med2e3_processor.json,model.safetensors} "$dest"/

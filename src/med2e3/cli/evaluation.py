@@ -122,6 +122,21 @@ def register_eval(subparsers: Any) -> argparse.ArgumentParser:
 # ---------------------------------------------------------------------------------------- ablation
 
 
+def _starts(entries: list[str]) -> dict[str, str]:
+    """``--start VARIANT=FOLDER`` entries as {variant: folder}; ConfigError for a malformed or repeated one."""
+    starts: dict[str, str] = {}
+    for entry in entries:
+        variant, sep, folder = entry.partition("=")
+        if not sep or not folder or variant not in ablation.VARIANTS:
+            raise ConfigError(
+                f"--start {entry!r}: expected VARIANT=FOLDER with VARIANT one of {', '.join(ablation.VARIANTS)}"
+            )
+        if variant in starts:
+            raise ConfigError(f"--start gives {variant} more than once")
+        starts[variant] = folder
+    return starts
+
+
 def _ablation_settings(args: argparse.Namespace) -> ablation.AblationSettings:
     return ablation.AblationSettings(
         volumes=args.volumes,
@@ -138,6 +153,7 @@ def _ablation_settings(args: argparse.Namespace) -> ablation.AblationSettings:
         jobs=args.jobs,
         configs_dir=Path(args.configs),
         overrides=tuple(args.override),
+        starts=_starts(args.start),
     )
 
 
@@ -183,6 +199,14 @@ def register_ablation(subparsers: Any) -> argparse.ArgumentParser:
         default=[],
         metavar="KEY=VALUE",
         help="extra config override, both stages",
+    )
+    p.add_argument(
+        "--start",
+        action="append",
+        default=[],
+        metavar="VARIANT=FOLDER",
+        help="a trained model of VARIANT to fine-tune instead of training stages 1 and 2 from scratch; one per "
+        "variant (made by: bash scripts/train_tiny_model.sh WORK VARIANT)",
     )
     p.add_argument("--results", help="Markdown file to fill (default OUT/results.md), e.g. docs/results.md")
     p.add_argument(

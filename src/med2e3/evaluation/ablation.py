@@ -7,6 +7,12 @@ Markdown file between ``<!-- ablation:begin -->`` and ``<!-- ablation:end -->`` 
 kept; a block there must be one this tool wrote). Every step is skipped when its output exists, so an
 interrupted run resumes; a rerun with other settings in the same folder is refused (``--overwrite``).
 
+With starting points (``starts``: one trained model folder per variant, e.g. made by
+``bash scripts/train_tiny_model.sh WORK VARIANT``) stage 1 is skipped and every run fine-tunes its variant's
+starting point with the same stage-2 budget: the recipe under which the tiny models read the scan. Each run
+is also asked its closed questions with another test volume (image reliance), and the table reports that
+next to the accuracy.
+
 Run: ``python -m med2e3.evaluation.ablation runs/ablation --volumes 400 --seeds 0 1 2``.
 """
 
@@ -61,6 +67,7 @@ class AblationSettings:
     jobs: int = 1  # (variant, seed) runs trained at once, each in its own process with `threads` threads
     configs_dir: Path = CONFIGS
     overrides: tuple[str, ...] = field(default_factory=tuple)  # extra key=value for both stages
+    starts: dict[str, str] = field(default_factory=dict)  # variant -> model folder; stage 2 only
 
     def check(self) -> None:
         """Raise ConfigError for a setting no run can use (duplicates would train one folder twice)."""
@@ -70,10 +77,15 @@ class AblationSettings:
             repeated = sorted({v for v in values if values.count(v) > 1}, key=str)
             if repeated:
                 raise ConfigError(f"{name} lists {', '.join(map(str, repeated))} more than once")
+        if self.starts:
+            check_starts(self.starts, self.variants, self.data_seed)
 
     def result_settings(self) -> dict[str, Any]:
-        """The settings every run and evaluation in a folder shares (recorded in ``ablation_settings.json``)."""
-        return {k: v for k, v in self.to_dict().items() if k not in NOT_RESULT_SETTINGS}
+        """The settings every run and evaluation in a folder shares (recorded in ``ablation_settings.json``;
+        ``starts`` only when given, so that folders from before that setting stay reusable)."""
+        return {
+            k: v for k, v in self.to_dict().items() if k not in NOT_RESULT_SETTINGS and (k != "starts" or v)
+        }
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -86,6 +98,26 @@ class AblationSettings:
 
 
 # ---------------------------------------------------------------------------------------- steps
+
+
+def check_starts(starts: dict[str, str], variants: Sequence[str], data_seed: int) -> None:
+    """ConfigError unless every variant run has a starting point: a finished model of that variant that was not
+    trained on the benchmark's volumes (``data_seed``)."""
+    from med2e3.folders import check_model_folder, check_unseen
+
+    missing = [v for v in variants if v not in starts]
+    if missing:
+        raise ConfigError(
+            f"--start gives no starting point for {', '.join(missing)}: give one per variant run"
+        )
+    for variant in variants:
+        folder = check_model_folder(starts[variant], role=f"--start {variant}")
+        found = json.loads((folder / "config.json").read_text()).get("slice_aggregation")
+        if found != variant:
+            raise ConfigError(
+                f"{folder}: --start {variant} is a model with slice_aggregation={found!r}, not {variant!r}"
+            )
+        check_unseen(starts[variant], data_seed, "--data-seed")
 
 
 def benchmark_dir(out: Path) -> Path:
@@ -128,7 +160,7 @@ def stage_overrides(
         return [*common, f"data.train={_sources([cap])}", *settings.overrides]
     return [
         *common,
-        f"model.init_from={run / 'pretrain'}",
+        f"model.init_from={settings.starts.get(variant) or run / 'pretrain'}",
         f"data.train={_sources([cap, vqa])}",
         "data.eval=[]",
         "eval_steps=null",
@@ -143,17 +175,18 @@ STAGE_CONFIGS: tuple[tuple[str, str], ...] = (
 
 
 def stage_configs(run: Path, data: Path, variant: str, seed: int, settings: AblationSettings) -> list[Any]:
-    """The training configs of one (variant, seed): stage 1, then stage 2."""
+    """The training configs of one (variant, seed): stage 1, then stage 2 (stage 2 only from a starting point)."""
     from med2e3.training import load_config
 
+    stages = STAGE_CONFIGS[1:] if settings.starts else STAGE_CONFIGS
     return [
         load_config(settings.configs_dir / name, stage_overrides(stage, run, data, variant, seed, settings))
-        for stage, name in STAGE_CONFIGS
+        for stage, name in stages
     ]
 
 
 def train_run(run: Path, data: Path, variant: str, seed: int, settings: AblationSettings) -> Path:
-    """Stage 1 then stage 2 of one (variant, seed); a stage already trained with these settings is reused."""
+    """The stages of one (variant, seed) (`stage_configs`); a stage already trained with these settings is reused."""
     from med2e3.training import train
 
     for config in stage_configs(run, data, variant, seed, settings):
@@ -175,10 +208,12 @@ def eval_examples(data: Path, settings: AblationSettings) -> dict[str, list[Exam
 
 
 def evaluate_run(run: Path, subsets: dict[str, list[Example]], settings: AblationSettings) -> dict[str, Any]:
-    """Predict (resumably) and score the test subsets with the run's final model; cached in ``eval.json``."""
+    """Predict (resumably) and score the test subsets with the run's final model, and measure its image
+    reliance on the closed questions (`image_reliance`); cached in ``eval.json``."""
     done = run / "eval.json"
     if done.is_file():
         return json.loads(done.read_text())
+    from med2e3.evaluation.reliance import image_reliance
     from med2e3.inference import Med2E3Predictor
 
     predictor = Med2E3Predictor.from_pretrained(run / "finetune", device="cpu")
@@ -193,6 +228,9 @@ def evaluate_run(run: Path, subsets: dict[str, list[Example]], settings: Ablatio
     report = evaluate(run / "predictions.jsonl", examples)
     report.write(run / "eval_full.json", run / "eval.md")
     summary = {k: v for k, v in report.to_dict().items() if k != "samples"}
+    if len({e.volume for e in subsets["closed"]}) > 1:
+        reliance = image_reliance(predictor, subsets["closed"], max_new_tokens=settings.closed_tokens)
+        summary["image_reliance"] = reliance.to_dict()
     write_atomic(done, json.dumps(summary, indent=2) + "\n")
     return summary
 
@@ -200,11 +238,13 @@ def evaluate_run(run: Path, subsets: dict[str, list[Example]], settings: Ablatio
 # ---------------------------------------------------------------------------------------- table
 
 
-def _mean_std(values: Sequence[float]) -> str:
+def _mean_std(values: Sequence[float], percent: bool = True) -> str:
     if not values:
         return "n/a"
     std = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{100 * statistics.fmean(values):.1f} ± {100 * std:.1f}"
+    if percent:
+        return f"{100 * statistics.fmean(values):.1f} ± {100 * std:.1f}"
+    return f"{statistics.fmean(values):.3f} ± {std:.3f}"
 
 
 def _pick(summary: dict[str, Any], *keys: str) -> float | None:
@@ -216,15 +256,35 @@ def _pick(summary: dict[str, Any], *keys: str) -> float | None:
     return float(node)
 
 
+#: Rows whose values are not fractions: printed as they are, not in percent.
+RAW_ROWS = frozenset(
+    {
+        "Image reliance: answer loss, own volume",
+        "Image reliance: answer loss, swapped volume",
+        "TG-IS question dependence (median over volumes)",
+    }
+)
+
+
 def table_rows() -> list[tuple[str, tuple[str, ...]]]:
     """(row label, path into an ``eval.json``) for every row of the results table."""
     rows = [(f"Closed VQA: {t}", ("closed_vqa", "per_type", t)) for t in QUESTION_TYPES]
     rows.append(("Closed VQA: overall", ("closed_vqa", "overall")))
+    swapped = ("image_reliance", "accuracy_swapped")
+    rows += [
+        (f"Image reliance: closed {t}, swapped volume", (*swapped, t)) for t in ("Abnormality", "Location")
+    ]
+    rows += [
+        ("Image reliance: closed overall, swapped volume", (*swapped, "overall")),
+        ("Image reliance: answer loss, own volume", ("image_reliance", "loss")),
+        ("Image reliance: answer loss, swapped volume", ("image_reliance", "loss_swapped")),
+    ]
     rows += [(f"Open VQA: {m}", ("open_vqa", "means", m)) for m in TEXT_METRICS]
     rows += [(f"Report: {m}", ("report_generation", "means", m)) for m in TEXT_METRICS]
     rows += [
         (f"Attention on relevant slices: {t}", ("attention", "mass", t)) for t in (*QUESTION_TYPES, "overall")
     ]
+    rows.append(("TG-IS question dependence (median over volumes)", ("attention", "question_dependence")))
     return rows
 
 
@@ -243,12 +303,15 @@ def results_table(summaries: dict[str, dict[int, dict[str, Any]]]) -> str:
     variants = list(summaries)
     seeds = {v: sorted(summaries[v]) for v in variants}
     head = " | ".join(f"{v} (seeds {', '.join(map(str, seeds[v])) or '-'})" for v in variants)
-    lines = [f"| metric (%, mean ± std over seeds) | {head} |", "|---" * (len(variants) + 1) + "|"]
+    lines = [
+        f"| metric (%, mean ± std over seeds; losses and dependence as they are) | {head} |",
+        "|---" * (len(variants) + 1) + "|",
+    ]
     for label, path in table_rows():
         cells = []
         for v in variants:
             values = [x for s in seeds[v] if (x := _pick(summaries[v][s], *path)) is not None]
-            cells.append(_mean_std(values))
+            cells.append(_mean_std(values, percent=label not in RAW_ROWS))
         if path[:2] == ("attention", "mass"):
             label += _uniform_note(summaries, path[2])
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
