@@ -225,3 +225,17 @@ def test_lesion_ceiling_label_maps_align_with_the_model_input(bench_modules, cap
     for row in rows[1:]:
         assert row[1] == rows[1][1]  # the same (volume, organ) pairs in every setting
         assert 0 <= float(row[2]) <= 100 and 50 <= float(row[3]) <= 100  # "none" is the majority
+
+
+def test_starting_point_script_refuses_an_unknown_variant_before_any_work(tmp_path):
+    import subprocess
+
+    work = tmp_path / "work"
+    done = subprocess.run(
+        ["bash", str(REPO / "scripts" / "train_tiny_model.sh"), str(work), "3d-only"],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+    )
+    assert done.returncode == 2 and "unknown variant '3d-only' (tgis, mean, none)" in done.stderr
+    assert not work.exists()
