@@ -13,12 +13,14 @@
 #   VARIANT tgis (default): the shipped starting point, copied into the assets folder (then commit it);
 #   VARIANT mean or none: the same rounds and data for that slice aggregation (round 8 without the two TG-IS
 #   changes), for the ablation's starting points; the model stays in WORK_DIR/round8.
-# Rerunning the same command resumes: finished rounds and volumes are reused.
+# Rerunning the same command resumes: finished rounds and volumes are reused ("seconds" in trained_on.json
+# then counts the last invocation only).
 set -euo pipefail
 work=${1:-runs/tiny-model}
 variant=${2:-tgis}
 case $variant in tgis | mean | none) ;; *) echo "unknown variant '$variant' (tgis, mean, none)" >&2; exit 2 ;; esac
 dest=src/med2e3/assets/tiny_model
+seeds="1000, 1001, 1002, 1003, 1004, 1005, 1006, 1007"  # the data seeds of the rounds below
 start=$(date +%s)
 
 finetune() {  # finetune OUTPUT INIT_FROM DATA CLOSED_AGAIN(yes|no) key=value...
@@ -36,8 +38,8 @@ finetune() {  # finetune OUTPUT INIT_FROM DATA CLOSED_AGAIN(yes|no) key=value...
 
 med2e3 data synth "$work/data" --n 1600 --seed 1000
 med2e3 train configs/tiny-pretrain.yaml output_dir="$work/pretrain" data.cache_dir="$work/data/.cache" \
-  model.slice_aggregation="$variant" "data.train=[{format: m3d_cap, path: $work/data/M3D_Cap.json, split: train, orientation: acquisition}]" \
-  logging_steps=50
+  model.slice_aggregation="$variant" logging_steps=50 \
+  "data.train=[{format: m3d_cap, path: $work/data/M3D_Cap.json, split: train, orientation: acquisition}]"
 finetune "$work/round1" "$work/pretrain" "$work/data" no epochs=2
 med2e3 data synth "$work/data2" --n 3200 --seed 1001
 finetune "$work/round2" "$work/round1" "$work/data2" no epochs=1 lr=5e-4
@@ -51,8 +53,8 @@ if [ "$variant" = tgis ]; then
     slice_loss_weight=0.5
 else
   finetune "$work/round8" "$work/round7" "$work/data8" yes epochs=1 lr=5e-4
-  printf '{"variant": "%s", "data_seeds": [1000, 1001, 1002, 1003, 1004, 1005, 1006, 1007], "seconds": %d}\n' \
-    "$variant" "$(( $(date +%s) - start ))" > "$work/round8/trained_on.json"
+  printf '{"variant": "%s", "data_seeds": [%s], "command": "bash scripts/train_tiny_model.sh WORK %s", "seconds": %d}\n' \
+    "$variant" "$seeds" "$variant" "$(( $(date +%s) - start ))" > "$work/round8/trained_on.json"
   echo "wrote $work/round8 ($variant)"
   exit 0
 fi
@@ -60,6 +62,6 @@ fi
 rm -rf "$dest" && mkdir -p "$dest"
 cp -r "$work"/round8/{config.json,generation_config.json,med2e3_processor.json,model.safetensors} "$dest"/
 cp -r "$work"/round8/{question_tokenizer,tokenizer.json,tokenizer_config.json} "$dest"/
-printf '{"data_seeds": [1000, 1001, 1002, 1003, 1004, 1005, 1006, 1007], "command": "bash scripts/train_tiny_model.sh", "seconds": %d}\n' \
-  "$(( $(date +%s) - start ))" > "$dest/trained_on.json"
+printf '{"data_seeds": [%s], "command": "bash scripts/train_tiny_model.sh", "seconds": %d}\n' \
+  "$seeds" "$(( $(date +%s) - start ))" > "$dest/trained_on.json"
 echo "wrote $dest"
