@@ -227,6 +227,37 @@ def test_lesion_ceiling_label_maps_align_with_the_model_input(bench_modules, cap
         assert 0 <= float(row[2]) <= 100 and 50 <= float(row[3]) <= 100  # "none" is the majority
 
 
+def test_dense_lesion_targets_mark_each_lesion_in_its_host_and_training_reports_scores(bench_modules, capsys):
+    from benchmarks import dense_lesions, lesion_ceiling
+
+    from med2e3.data.synth import STRUCTURE_ID, SynthConfig
+
+    seed, lesions_seen = 5, 0
+    for index in range(4):
+        volume, organs, lesions, case = lesion_ceiling.read_case(seed, index, SynthConfig())
+        view = lesion_ceiling.model_view(volume, organs, lesions, (32, 64, 64))
+        labels = dense_lesions.token_labels(view.organs, view.lesions, case["lesions"], patch=16)
+        assert labels.shape == (32, 16, len(dense_lesions.HOSTS))
+        for k, host in enumerate(dense_lesions.HOSTS):  # a patch holds the host exactly where its voxels are
+            present = view.organs.reshape(32, 4, 16, 4, 16).transpose(0, 1, 3, 2, 4) == STRUCTURE_ID[host]
+            assert ((labels[:, :, k] > 0) == present.reshape(32, 16, -1).any(-1)).all()
+        for n, lesion in enumerate(case["lesions"], start=1):
+            column = labels[:, :, dense_lesions.HOSTS.index(lesion["organ"])]
+            kind = dense_lesions.CLASSES.index(lesion["type"])
+            in_view = (view.lesions == n).any()
+            assert (column == kind).any() == in_view  # the lesion's class, in its host, where it is seen
+            assert not np.isin(column, [c for c in (2, 3, 4) if c != kind]).any()
+            lesions_seen += int(in_view)
+    assert lesions_seen > 0
+    argv = ["--train-volumes", "3", "--test-volumes", "2", "--train-seed", "5", "--test-seed", "6"]
+    dense_lesions.main([*argv, "--epochs", "1", "--width", "16", "--layers", "1", "--batch-size", "2"])
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert lines[0]["settings"]["epochs"] == 1 and lines[1]["epoch"] == 1
+    test = lines[1]["test"]
+    assert set(test["token_recall"]) == set(dense_lesions.CLASSES) and test["pairs"] > 0
+    assert all(0 <= v <= 1 for v in test["volume_accuracy"].values()) and 0 < test["majority"] <= 1
+
+
 def test_starting_point_script_refuses_an_unknown_variant_before_any_work(tmp_path):
     import subprocess
 
