@@ -53,15 +53,15 @@ if [ "$variant" = tgis ]; then
     slice_loss_weight=0.5
 else
   finetune "$work/round8" "$work/round7" "$work/data8" yes epochs=1 lr=5e-4
-  printf '{"variant": "%s", "data_seeds": [%s], "command": "bash scripts/train_tiny_model.sh WORK %s", "seconds": %d}\n' \
-    "$variant" "$seeds" "$variant" "$(( $(date +%s) - start ))" > "$work/round8/trained_on.json"
+fi
+printf '{"data_seeds": [%s], "command": "bash scripts/train_tiny_model.sh WORK %s", "seconds": %d}\n' \
+  "$seeds" "$variant" "$(( $(date +%s) - start ))" > "$work/round8/trained_on.json"
+if [ "$variant" != tgis ]; then
   echo "wrote $work/round8 ($variant)"
   exit 0
 fi
 
 rm -rf "$dest" && mkdir -p "$dest"
 cp -r "$work"/round8/{config.json,generation_config.json,med2e3_processor.json,model.safetensors} "$dest"/
-cp -r "$work"/round8/{question_tokenizer,tokenizer.json,tokenizer_config.json} "$dest"/
-printf '{"data_seeds": [%s], "command": "bash scripts/train_tiny_model.sh", "seconds": %d}\n' \
-  "$seeds" "$(( $(date +%s) - start ))" > "$dest/trained_on.json"
+cp -r "$work"/round8/{question_tokenizer,tokenizer.json,tokenizer_config.json,trained_on.json} "$dest"/
 echo "wrote $dest"

@@ -175,7 +175,14 @@ def check_unseen(start: str | Path, seed: int, option: str) -> None:
     """Refuse a benchmark data seed whose volumes trained the model ``start``: its test volumes would not be
     new (``option`` names the seed's command-line flag in the message)."""
     record = named_folder(start) / TRAINED_ON
-    if record.is_file() and seed in json.loads(record.read_text())["data_seeds"]:
+    if not record.is_file():
+        return
+    try:
+        seeds = json.loads(record.read_text())["data_seeds"]
+        seen = seed in seeds
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
+        raise ConfigError(f"{record}: unreadable (expected JSON with a list of data_seeds)") from None
+    if seen:
         raise ConfigError(
             f"{option} {seed}: {start} was trained on the volumes of this seed ({record}); choose another seed"
         )

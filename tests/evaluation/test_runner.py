@@ -261,6 +261,13 @@ def test_ablation_table_and_markers(tmp_path):
     table = ablation.results_table({"none": {0: summary(0.2), 1: summary(0.4)}, "tgis": {0: summary(0.5)}})
     assert "| Closed VQA: overall | 30.0 ± 14.1 | 50.0 ± 0.0 |" in table
     assert "| Report: bleu1 | n/a | n/a |" in table
+    mean = summary(0.3) | {"attention": {"mass": {}, "question_dependence": 0.0}}
+    tgis = summary(0.5) | {"attention": {"mass": {}, "question_dependence": 1.234e-5}}
+    tgis["image_reliance"] = {"accuracy_swapped": {"overall": 0.25}, "loss": 0.1234, "loss_swapped": 1.5}
+    rows = ablation.results_table({"none": {0: summary(0.2)}, "mean": {0: mean}, "tgis": {0: tgis}})
+    assert "| TG-IS question dependence (median over volumes) | n/a | 0 ± 0 | 1.23e-05 ± 0 |" in rows
+    assert "| Image reliance: closed overall, swapped volume | n/a | n/a | 25.0 ± 0.0 |" in rows
+    assert "| Image reliance: answer loss, own volume | n/a | n/a | 0.123 ± 0 |" in rows
     results = tmp_path / "results.md"
     old = f"{ablation.SIGNATURE} (complete) old table_"
     results.write_text(f"# Results\n\nintro\n\n{ablation.BEGIN}\n{old}\n{ablation.END}\n\ndiscussion\n")

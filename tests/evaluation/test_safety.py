@@ -95,6 +95,8 @@ def test_ablation_refuses_repeated_seeds_and_variants(tmp_path, fake_runs, capsy
 
 
 def test_ablation_starting_points_are_checked_before_any_work(tmp_path, tiny_model_dir, fake_runs, capsys):
+    import shutil
+
     def refused(*extra: str) -> str:
         return cli_error(capsys, "ablation", str(tmp_path / "out"), "--variants", "tgis", "mean", *extra)
 
@@ -106,23 +108,35 @@ def test_ablation_starting_points_are_checked_before_any_work(tmp_path, tiny_mod
     assert "expected VARIANT=FOLDER" in refused("--start", f"3d={tiny_model_dir}")
     assert "--start gives tgis more than once" in refused("--start", tgis, "--start", tgis)
     assert "does not exist" in refused("--start", tgis, "--start", f"mean={tmp_path / 'nowhere'}")
-    (tiny_model_dir / "trained_on.json").write_text(json.dumps({"data_seeds": [7]}))
-    try:
-        err = cli_error(
-            capsys,
-            "ablation",
-            str(tmp_path / "out"),
-            "--variants",
-            "tgis",
-            "--data-seed",
-            "7",
-            "--start",
-            tgis,
-        )
-    finally:
-        (tiny_model_dir / "trained_on.json").unlink()
+    only_tgis = ["ablation", str(tmp_path / "out"), "--variants", "tgis", "--start", tgis]
+    err = cli_error(capsys, *only_tgis, "--start", f"none={tmp_path / 'nowhere'}")  # given: checked too
+    assert "--start none does not exist" in err
+    seen = tmp_path / "seen"
+    shutil.copytree(tiny_model_dir, seen)
+    (seen / "trained_on.json").write_text(json.dumps({"data_seeds": [7]}))
+    err = cli_error(
+        capsys,
+        "ablation",
+        str(tmp_path / "out"),
+        "--variants",
+        "tgis",
+        "--data-seed",
+        "7",
+        "--start",
+        f"tgis={seen}",
+    )
     assert "--data-seed 7:" in err and "was trained on the volumes of this seed" in err
+    (seen / "trained_on.json").write_text("[7]")
+    err = cli_error(
+        capsys, "ablation", str(tmp_path / "out"), "--variants", "tgis", "--start", f"tgis={seen}"
+    )
+    assert "trained_on.json: unreadable" in err
     assert fake_runs == [] and not (tmp_path / "out").exists()
+
+
+def test_ablation_settings_without_starting_points_record_no_starts():
+    assert "starts" not in ablation.AblationSettings().result_settings()  # folders from before stay reusable
+    assert ablation.AblationSettings(starts={"tgis": "x"}).result_settings()["starts"] == {"tgis": "x"}
 
 
 def test_ablation_from_starting_points_fine_tunes_them_and_measures_image_reliance(tmp_path, tiny_model_dir):
@@ -147,9 +161,16 @@ def test_ablation_from_starting_points_fine_tunes_them_and_measures_image_relian
     text = path.read_text()
     swapped = 100 * reliance["accuracy_swapped"]["overall"]
     assert f"| Image reliance: closed overall, swapped volume | {swapped:.1f} ± 0.0 |" in text
-    assert f"| Image reliance: answer loss, own volume | {reliance['loss']:.3f} ± 0.000 |" in text
+    assert f"| Image reliance: answer loss, own volume | {reliance['loss']:.3g} ± 0 |" in text
     dependence = summary["attention"]["question_dependence"]
-    assert f"| TG-IS question dependence (median over volumes) | {dependence:.3f} ± 0.000 |" in text
+    assert f"| TG-IS question dependence (median over volumes) | {dependence:.3g} ± 0 |" in text
+    # an evaluation cached before image reliance was measured gets it on the next run, nothing else is redone
+    del summary["image_reliance"]
+    (run / "eval.json").write_text(json.dumps(summary))
+    (run / "predictions.jsonl").unlink()
+    ablation.run_ablation(tmp_path / "out", settings, tmp_path / "results.md")
+    again = json.loads((run / "eval.json").read_text())
+    assert again["image_reliance"] == reliance and not (run / "predictions.jsonl").exists()
 
 
 PROSE = f"# Notes\n\nThe table goes between `{ablation.BEGIN}` and `{ablation.END}`.\n\nMy paragraph.\n"

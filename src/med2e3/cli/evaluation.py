@@ -168,7 +168,8 @@ def register_ablation(subparsers: Any) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         "ablation",
         help="train and evaluate the none / mean / tgis slice aggregations on the synthetic benchmark",
-        description="Train (stage 1 + stage 2, tiny preset, identical budgets) and evaluate the three "
+        description="Train (stage 1 + stage 2, tiny preset, identical budgets; stage 2 only from --start "
+        "models) and evaluate the three "
         "slice_aggregation variants over several seeds on the synthetic benchmark; write the mean ± std "
         "table. Resumable: finished stages, predictions and evaluations are reused.",
         epilog="example: med2e3 ablation runs/ablation --volumes 400 --seeds 0 1 2 --results docs/results.md",
@@ -198,15 +199,15 @@ def register_ablation(subparsers: Any) -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="extra config override, both stages",
+        help="extra config override, for every stage trained",
     )
     p.add_argument(
         "--start",
         action="append",
         default=[],
         metavar="VARIANT=FOLDER",
-        help="a trained model of VARIANT to fine-tune instead of training stages 1 and 2 from scratch; one per "
-        "variant (made by: bash scripts/train_tiny_model.sh WORK VARIANT)",
+        help="a trained model of VARIANT to fine-tune in stage 2 instead of a stage 1 from scratch; one per "
+        "variant (e.g. WORK/round8 of: bash scripts/train_tiny_model.sh WORK VARIANT)",
     )
     p.add_argument("--results", help="Markdown file to fill (default OUT/results.md), e.g. docs/results.md")
     p.add_argument(

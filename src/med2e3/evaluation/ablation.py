@@ -7,11 +7,12 @@ Markdown file between ``<!-- ablation:begin -->`` and ``<!-- ablation:end -->`` 
 kept; a block there must be one this tool wrote). Every step is skipped when its output exists, so an
 interrupted run resumes; a rerun with other settings in the same folder is refused (``--overwrite``).
 
-With starting points (``starts``: one trained model folder per variant, e.g. made by
+With starting points (``starts``: one trained model folder per variant, e.g. ``WORK/round8`` of
 ``bash scripts/train_tiny_model.sh WORK VARIANT``) stage 1 is skipped and every run fine-tunes its variant's
-starting point with the same stage-2 budget: the recipe under which the tiny models read the scan. Each run
-is also asked its closed questions with another test volume (image reliance), and the table reports that
-next to the accuracy.
+starting point with the same stage-2 budget: the recipe under which the tiny models read the scan.
+
+Every run is also asked its closed questions with another test volume (image reliance); the table reports
+that accuracy and the answer loss both ways next to the accuracy with the own volume.
 
 Run: ``python -m med2e3.evaluation.ablation runs/ablation --volumes 400 --seeds 0 1 2``.
 """
@@ -101,8 +102,8 @@ class AblationSettings:
 
 
 def check_starts(starts: dict[str, str], variants: Sequence[str], data_seed: int) -> None:
-    """ConfigError unless every variant run has a starting point: a finished model of that variant that was not
-    trained on the benchmark's volumes (``data_seed``)."""
+    """ConfigError unless every variant run has a starting point and every starting point is a finished model
+    of its variant that was not trained on the benchmark's volumes (``data_seed``)."""
     from med2e3.folders import check_model_folder, check_unseen
 
     missing = [v for v in variants if v not in starts]
@@ -110,7 +111,7 @@ def check_starts(starts: dict[str, str], variants: Sequence[str], data_seed: int
         raise ConfigError(
             f"--start gives no starting point for {', '.join(missing)}: give one per variant run"
         )
-    for variant in variants:
+    for variant in starts:  # all given, also for variants a later run of the same folder adds
         folder = check_model_folder(starts[variant], role=f"--start {variant}")
         found = json.loads((folder / "config.json").read_text()).get("slice_aggregation")
         if found != variant:
@@ -211,12 +212,21 @@ def evaluate_run(run: Path, subsets: dict[str, list[Example]], settings: Ablatio
     """Predict (resumably) and score the test subsets with the run's final model, and measure its image
     reliance on the closed questions (`image_reliance`); cached in ``eval.json``."""
     done = run / "eval.json"
+    measurable = len({e.volume for e in subsets["closed"]}) > 1
     if done.is_file():
-        return json.loads(done.read_text())
+        summary = json.loads(done.read_text())
+        if summary.get("image_reliance") or not measurable:
+            return summary
     from med2e3.evaluation.reliance import image_reliance
     from med2e3.inference import Med2E3Predictor
 
     predictor = Med2E3Predictor.from_pretrained(run / "finetune", device="cpu")
+    if done.is_file():  # evaluated before image reliance was measured: add it
+        summary["image_reliance"] = image_reliance(
+            predictor, subsets["closed"], settings.closed_tokens
+        ).to_dict()
+        write_atomic(done, json.dumps(summary, indent=2) + "\n")
+        return summary
     examples = [e for part in subsets.values() for e in part]
     tokens = {
         "vqa_closed": settings.closed_tokens,
@@ -228,9 +238,10 @@ def evaluate_run(run: Path, subsets: dict[str, list[Example]], settings: Ablatio
     report = evaluate(run / "predictions.jsonl", examples)
     report.write(run / "eval_full.json", run / "eval.md")
     summary = {k: v for k, v in report.to_dict().items() if k != "samples"}
-    if len({e.volume for e in subsets["closed"]}) > 1:
-        reliance = image_reliance(predictor, subsets["closed"], max_new_tokens=settings.closed_tokens)
-        summary["image_reliance"] = reliance.to_dict()
+    if measurable:
+        summary["image_reliance"] = image_reliance(
+            predictor, subsets["closed"], settings.closed_tokens
+        ).to_dict()
     write_atomic(done, json.dumps(summary, indent=2) + "\n")
     return summary
 
@@ -239,12 +250,13 @@ def evaluate_run(run: Path, subsets: dict[str, list[Example]], settings: Ablatio
 
 
 def _mean_std(values: Sequence[float], percent: bool = True) -> str:
+    """``mean ± std`` in percent (one decimal), or as they are (three significant digits)."""
     if not values:
         return "n/a"
     std = statistics.stdev(values) if len(values) > 1 else 0.0
     if percent:
         return f"{100 * statistics.fmean(values):.1f} ± {100 * std:.1f}"
-    return f"{statistics.fmean(values):.3f} ± {std:.3f}"
+    return f"{statistics.fmean(values):.3g} ± {std:.3g}"
 
 
 def _pick(summary: dict[str, Any], *keys: str) -> float | None:
@@ -256,35 +268,27 @@ def _pick(summary: dict[str, Any], *keys: str) -> float | None:
     return float(node)
 
 
-#: Rows whose values are not fractions: printed as they are, not in percent.
-RAW_ROWS = frozenset(
-    {
-        "Image reliance: answer loss, own volume",
-        "Image reliance: answer loss, swapped volume",
-        "TG-IS question dependence (median over volumes)",
-    }
-)
-
-
-def table_rows() -> list[tuple[str, tuple[str, ...]]]:
-    """(row label, path into an ``eval.json``) for every row of the results table."""
-    rows = [(f"Closed VQA: {t}", ("closed_vqa", "per_type", t)) for t in QUESTION_TYPES]
-    rows.append(("Closed VQA: overall", ("closed_vqa", "overall")))
+def table_rows() -> list[tuple[str, tuple[str, ...], bool]]:
+    """(row label, path into an ``eval.json``, whether the value is a fraction shown in percent) for every row
+    of the results table."""
     swapped = ("image_reliance", "accuracy_swapped")
+    rows = [(f"Closed VQA: {t}", ("closed_vqa", "per_type", t), True) for t in QUESTION_TYPES]
+    rows.append(("Closed VQA: overall", ("closed_vqa", "overall"), True))
+    rows += [(f"Image reliance: closed {t}, swapped volume", (*swapped, t), True) for t in QUESTION_TYPES]
     rows += [
-        (f"Image reliance: closed {t}, swapped volume", (*swapped, t)) for t in ("Abnormality", "Location")
+        ("Image reliance: closed overall, swapped volume", (*swapped, "overall"), True),
+        ("Image reliance: answer loss, own volume", ("image_reliance", "loss"), False),
+        ("Image reliance: answer loss, swapped volume", ("image_reliance", "loss_swapped"), False),
     ]
+    rows += [(f"Open VQA: {m}", ("open_vqa", "means", m), True) for m in TEXT_METRICS]
+    rows += [(f"Report: {m}", ("report_generation", "means", m), True) for m in TEXT_METRICS]
     rows += [
-        ("Image reliance: closed overall, swapped volume", (*swapped, "overall")),
-        ("Image reliance: answer loss, own volume", ("image_reliance", "loss")),
-        ("Image reliance: answer loss, swapped volume", ("image_reliance", "loss_swapped")),
+        (f"Attention on relevant slices: {t}", ("attention", "mass", t), True)
+        for t in (*QUESTION_TYPES, "overall")
     ]
-    rows += [(f"Open VQA: {m}", ("open_vqa", "means", m)) for m in TEXT_METRICS]
-    rows += [(f"Report: {m}", ("report_generation", "means", m)) for m in TEXT_METRICS]
-    rows += [
-        (f"Attention on relevant slices: {t}", ("attention", "mass", t)) for t in (*QUESTION_TYPES, "overall")
-    ]
-    rows.append(("TG-IS question dependence (median over volumes)", ("attention", "question_dependence")))
+    rows.append(
+        ("TG-IS question dependence (median over volumes)", ("attention", "question_dependence"), False)
+    )
     return rows
 
 
@@ -307,11 +311,11 @@ def results_table(summaries: dict[str, dict[int, dict[str, Any]]]) -> str:
         f"| metric (%, mean ± std over seeds; losses and dependence as they are) | {head} |",
         "|---" * (len(variants) + 1) + "|",
     ]
-    for label, path in table_rows():
+    for label, path, percent in table_rows():
         cells = []
         for v in variants:
             values = [x for s in seeds[v] if (x := _pick(summaries[v][s], *path)) is not None]
-            cells.append(_mean_std(values, percent=label not in RAW_ROWS))
+            cells.append(_mean_std(values, percent))
         if path[:2] == ("attention", "mass"):
             label += _uniform_note(summaries, path[2])
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
