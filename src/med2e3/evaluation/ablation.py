@@ -35,6 +35,7 @@ from med2e3.data.datasets import QUESTION_TYPES, Example
 from med2e3.errors import ConfigError, OutputError
 from med2e3.evaluation.runner import evaluate, predict_examples
 from med2e3.files import write_atomic
+from med2e3.folders import check_model_folder, check_unseen
 
 VARIANTS: tuple[str, ...] = ("none", "mean", "tgis")
 CONFIGS = Path(__file__).resolve().parents[3] / "configs"
@@ -104,8 +105,6 @@ class AblationSettings:
 def check_starts(starts: dict[str, str], variants: Sequence[str], data_seed: int) -> None:
     """ConfigError unless every variant run has a starting point and every starting point is a finished model
     of its variant that was not trained on the benchmark's volumes (``data_seed``)."""
-    from med2e3.folders import check_model_folder, check_unseen
-
     missing = [v for v in variants if v not in starts]
     if missing:
         raise ConfigError(
@@ -213,35 +212,29 @@ def evaluate_run(run: Path, subsets: dict[str, list[Example]], settings: Ablatio
     reliance on the closed questions (`image_reliance`); cached in ``eval.json``."""
     done = run / "eval.json"
     measurable = len({e.volume for e in subsets["closed"]}) > 1
-    if done.is_file():
-        summary = json.loads(done.read_text())
-        if summary.get("image_reliance") or not measurable:
-            return summary
+    summary = json.loads(done.read_text()) if done.is_file() else None
+    if summary is not None and (summary.get("image_reliance") or not measurable):
+        return summary
     from med2e3.evaluation.reliance import image_reliance
     from med2e3.inference import Med2E3Predictor
 
     predictor = Med2E3Predictor.from_pretrained(run / "finetune", device="cpu")
-    if done.is_file():  # evaluated before image reliance was measured: add it
-        summary["image_reliance"] = image_reliance(
-            predictor, subsets["closed"], settings.closed_tokens
-        ).to_dict()
-        write_atomic(done, json.dumps(summary, indent=2) + "\n")
-        return summary
-    examples = [e for part in subsets.values() for e in part]
-    tokens = {
-        "vqa_closed": settings.closed_tokens,
-        "vqa_open": settings.open_tokens,
-        "caption": settings.report_tokens,
-        "report": settings.report_tokens,
-    }
-    predict_examples(predictor, examples, run / "predictions.jsonl", max_new_tokens=tokens, progress=False)
-    report = evaluate(run / "predictions.jsonl", examples)
-    report.write(run / "eval_full.json", run / "eval.md")
-    summary = {k: v for k, v in report.to_dict().items() if k != "samples"}
+    if summary is None:  # else evaluated before image reliance was measured: only that is added
+        examples = [e for part in subsets.values() for e in part]
+        tokens = {
+            "vqa_closed": settings.closed_tokens,
+            "vqa_open": settings.open_tokens,
+            "caption": settings.report_tokens,
+            "report": settings.report_tokens,
+        }
+        predictions = run / "predictions.jsonl"
+        predict_examples(predictor, examples, predictions, max_new_tokens=tokens, progress=False)
+        report = evaluate(predictions, examples)
+        report.write(run / "eval_full.json", run / "eval.md")
+        summary = {k: v for k, v in report.to_dict().items() if k != "samples"}
     if measurable:
-        summary["image_reliance"] = image_reliance(
-            predictor, subsets["closed"], settings.closed_tokens
-        ).to_dict()
+        reliance = image_reliance(predictor, subsets["closed"], settings.closed_tokens)
+        summary["image_reliance"] = reliance.to_dict()
     write_atomic(done, json.dumps(summary, indent=2) + "\n")
     return summary
 
