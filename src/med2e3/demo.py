@@ -53,6 +53,9 @@ def default_budget(start: str | None) -> DemoBudget:
     return DemoBudget() if start else FROM_SCRATCH
 
 
+#: New tokens for a closed answer (the letter and the choice's text).
+CLOSED_TOKENS = 16
+
 #: The relevant-slice loss of the shipped weights' last round (scripts/train_tiny_model.sh), so that the
 #: demo's fine-tune keeps TG-IS looking where each question points.
 SLICE_LOSS_WEIGHT = 0.5
@@ -132,16 +135,19 @@ def blind_prior(train: list[Example], examples: list[Example]) -> dict[str, floa
     return result
 
 
-def _evaluate(predictor: Med2E3Predictor, examples: list[Example], train: list[Example]) -> dict[str, Any]:
+def _evaluate(
+    predictor: Med2E3Predictor, examples: list[Example], train: list[Example]
+) -> tuple[dict[str, Any], dict[str, str]]:
     """Closed VQA as the release scores it (the letter), the chosen text, and the blind prior;
-    TG-IS: how much the scores depend on the question, and their mass on the relevant slices."""
+    TG-IS: how much the scores depend on the question, and their mass on the relevant slices.
+    Also returns the answers by id."""
     outputs: dict[str, str] = {}
     scores: dict[str, list[float] | None] = {}
     for volume, group in groupby(examples, key=lambda ex: ex.volume):
         batch = list(group)
         predictor.load(volume)
         answers = predictor.ask_many(
-            [ex.question for ex in batch], [ex.prompt for ex in batch], max_new_tokens=16
+            [ex.question for ex in batch], [ex.prompt for ex in batch], max_new_tokens=CLOSED_TOKENS
         )
         outputs.update({ex.id: a.answer for ex, a in zip(batch, answers, strict=True)})
         scores.update({ex.id: a.slice_scores for ex, a in zip(batch, answers, strict=True)})
@@ -154,7 +160,7 @@ def _evaluate(predictor: Med2E3Predictor, examples: list[Example], train: list[E
     for ex in examples:
         truth = _choice_text(ex.answer or "")
         text_hits.setdefault(ex.question_type or "", []).append(_choice_text(outputs[ex.id]) == truth)
-    return {
+    summary = {
         "n": result.n,
         "overall": result.overall,
         "per_type": result.per_type,
@@ -162,6 +168,7 @@ def _evaluate(predictor: Med2E3Predictor, examples: list[Example], train: list[E
         "blind_prior": blind_prior(train, examples),
         "tgis": _tgis_summary(examples, scores),
     }
+    return summary, outputs
 
 
 def _tgis_summary(examples: list[Example], scores: dict[str, list[float] | None]) -> dict[str, Any] | None:
@@ -185,9 +192,10 @@ def _tgis_summary(examples: list[Example], scores: dict[str, list[float] | None]
 
 def _measure(predictor: Med2E3Predictor, examples: list[Example], train: list[Example]) -> dict[str, Any]:
     """Closed-VQA accuracy (`_evaluate`) and image reliance of one model on the held-out questions."""
-    accuracy = _evaluate(predictor, examples, train)
+    accuracy, answers = _evaluate(predictor, examples, train)
     print("[demo] image reliance: the same questions with another test volume ...")
-    return {"closed_vqa_accuracy": accuracy, "image_reliance": image_reliance(predictor, examples).to_dict()}
+    reliance = image_reliance(predictor, examples, CLOSED_TOKENS, answers=answers)
+    return {"closed_vqa_accuracy": accuracy, "image_reliance": reliance.to_dict()}
 
 
 def run_demo(

@@ -84,6 +84,21 @@ def test_a_model_that_ignores_the_scan_scores_the_same_both_ways():
     assert result.loss == result.loss_swapped
 
 
+def test_own_answers_already_generated_are_scored_not_generated_again():
+    predictor = FakePredictor(reads=True)
+    asked: list[Path] = []
+    answer = predictor.ask_many
+    predictor.ask_many = lambda *args, **kwargs: asked.append(predictor.volume) or answer(*args, **kwargs)
+    examples = _examples()
+    given = {ex.id: "B. b" for ex in examples}  # not what this predictor would say with its own volume
+    result = image_reliance(predictor, examples, answers=given)
+    assert len(asked) == len(VOLUMES)  # one batch per volume: the swapped answers only
+    assert result.accuracy["overall"] == pytest.approx(0.25)  # the given answers were scored
+    assert result.accuracy_swapped["overall"] == 0.0 and result.loss == pytest.approx(0.1)
+    with pytest.raises(DatasetError, match="no own-volume answer given for 'vol0.nii-0'"):
+        image_reliance(predictor, examples, answers={})
+
+
 def test_question_dependence_is_the_median_of_the_per_volume_spread():
     scores = {
         "v1": [[0.5, 0.5], [0.7, 0.3]],  # spread 0.2

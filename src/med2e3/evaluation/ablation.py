@@ -33,7 +33,7 @@ from typing import Any
 
 from med2e3.data.datasets import QUESTION_TYPES, Example
 from med2e3.errors import ConfigError, OutputError
-from med2e3.evaluation.runner import evaluate, predict_examples
+from med2e3.evaluation.runner import evaluate, predict_examples, read_predictions
 from med2e3.files import write_atomic
 from med2e3.folders import check_model_folder, check_unseen
 
@@ -219,6 +219,7 @@ def evaluate_run(run: Path, subsets: dict[str, list[Example]], settings: Ablatio
     from med2e3.inference import Med2E3Predictor
 
     predictor = Med2E3Predictor.from_pretrained(run / "finetune", device="cpu")
+    predictions = run / "predictions.jsonl"
     if summary is None:  # else evaluated before image reliance was measured: only that is added
         examples = [e for part in subsets.values() for e in part]
         tokens = {
@@ -227,13 +228,13 @@ def evaluate_run(run: Path, subsets: dict[str, list[Example]], settings: Ablatio
             "caption": settings.report_tokens,
             "report": settings.report_tokens,
         }
-        predictions = run / "predictions.jsonl"
         predict_examples(predictor, examples, predictions, max_new_tokens=tokens, progress=False)
         report = evaluate(predictions, examples)
         report.write(run / "eval_full.json", run / "eval.md")
         summary = {k: v for k, v in report.to_dict().items() if k != "samples"}
     if measurable:
-        reliance = image_reliance(predictor, subsets["closed"], settings.closed_tokens)
+        own = {key: row["answer"] for key, row in read_predictions(predictions).items()}
+        reliance = image_reliance(predictor, subsets["closed"], settings.closed_tokens, answers=own)
         summary["image_reliance"] = reliance.to_dict()
     write_atomic(done, json.dumps(summary, indent=2) + "\n")
     return summary

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import statistics
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -66,9 +66,10 @@ class ImageReliance:
 
 
 def _answer(
-    predictor: Any, examples: Sequence[Example], volumes: dict[Path, Path], max_new_tokens: int
+    predictor: Any, examples: Sequence[Example], volumes: dict[Path, Path], max_new_tokens: int, generate: bool
 ) -> tuple[dict[str, str], dict[str, float]]:
-    """(closed answers by id, answer losses by id) with every example's volume replaced by ``volumes``."""
+    """(closed answers by id, answer losses by id) with every example's volume replaced by ``volumes``;
+    the closed questions are answered only if ``generate``."""
     by_volume: dict[Path, list[Example]] = defaultdict(list)
     for ex in examples:
         by_volume[volumes[ex.volume]].append(ex)
@@ -82,7 +83,7 @@ def _answer(
             questions, prompts = [ex.question for ex in group], [ex.prompt for ex in group]
             loss = predictor.answer_loss(questions, [ex.answer or "" for ex in group], prompts)
             losses.update({ex.id: value for ex, value in zip(group, loss, strict=True)})
-            closed = [ex for ex in group if ex.task == "vqa_closed"]
+            closed = [ex for ex in group if ex.task == "vqa_closed"] if generate else []
             if closed:
                 got = predictor.ask_many(
                     [ex.question for ex in closed],
@@ -107,19 +108,31 @@ def _accuracy(examples: Sequence[Example], answers: dict[str, str]) -> dict[str,
     return {"overall": metrics.overall, **metrics.per_type}
 
 
-def image_reliance(predictor: Any, examples: Iterable[Example], max_new_tokens: int = 8) -> ImageReliance:
+def image_reliance(
+    predictor: Any,
+    examples: Iterable[Example],
+    max_new_tokens: int = 8,
+    answers: Mapping[str, str] | None = None,
+) -> ImageReliance:
     """Answer ``examples`` with their own and with swapped volumes (see module doc).
 
     ``predictor`` is a :class:`~med2e3.inference.Med2E3Predictor`; every example needs a reference answer.
     Closed questions are also answered (greedy, ``max_new_tokens``) and scored with the release's rule.
+    ``answers``: this predictor's closed answers with their own volumes, by id, when already generated
+    (then only the swapped volumes are answered again).
     """
     examples = list(examples)
     missing = [ex.id for ex in examples if not ex.answer]
     if missing:
         raise DatasetError(None, f"image reliance needs reference answers; {missing[0]!r} has none")
+    if answers is not None:
+        unanswered = [ex.id for ex in examples if ex.task == "vqa_closed" and ex.id not in answers]
+        if unanswered:
+            raise DatasetError(None, f"image reliance: no own-volume answer given for {unanswered[0]!r}")
     own = {ex.volume: ex.volume for ex in examples}
-    answers, losses = _answer(predictor, examples, own, max_new_tokens)
-    answers_swapped, losses_swapped = _answer(predictor, examples, swapped_volumes(own), max_new_tokens)
+    generated, losses = _answer(predictor, examples, own, max_new_tokens, generate=answers is None)
+    answers = generated if answers is None else answers
+    answers_swapped, losses_swapped = _answer(predictor, examples, swapped_volumes(own), max_new_tokens, True)
     return ImageReliance(
         n=len(examples),
         n_closed=sum(ex.task == "vqa_closed" for ex in examples),
