@@ -66,7 +66,11 @@ class ImageReliance:
 
 
 def _answer(
-    predictor: Any, examples: Sequence[Example], volumes: dict[Path, Path], max_new_tokens: int, generate: bool
+    predictor: Any,
+    examples: Sequence[Example],
+    volumes: dict[Path, Path],
+    max_new_tokens: int,
+    generate: bool,
 ) -> tuple[dict[str, str], dict[str, float]]:
     """(closed answers by id, answer losses by id) with every example's volume replaced by ``volumes``;
     the closed questions are answered only if ``generate``."""
