@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -167,10 +168,32 @@ def test_ablation_from_starting_points_fine_tunes_them_and_measures_image_relian
     # an evaluation cached before image reliance was measured gets it on the next run, nothing else is redone
     del summary["image_reliance"]
     (run / "eval.json").write_text(json.dumps(summary))
-    (run / "predictions.jsonl").unlink()
+    predictions = (run / "predictions.jsonl").read_text()
     ablation.run_ablation(tmp_path / "out", settings, tmp_path / "results.md")
     again = json.loads((run / "eval.json").read_text())
-    assert again["image_reliance"] == reliance and not (run / "predictions.jsonl").exists()
+    assert again["image_reliance"] == reliance and (run / "predictions.jsonl").read_text() == predictions
+
+
+def test_ablation_folder_gains_variants_with_their_starting_points(tmp_path, fake_runs, tiny_model_dir):
+    """A later run may add a variant with its own starting point; a variant's start cannot change, and runs
+    from starting points and from scratch never share a folder."""
+    out, results = tmp_path / "out", tmp_path / "results.md"
+    other = Path(shutil.copytree(tiny_model_dir, tmp_path / "other"))
+    config = json.loads((other / "config.json").read_text())
+    (other / "config.json").write_text(json.dumps({**config, "slice_aggregation": "mean"}))
+    ablation.run_ablation(out, small(starts={"tgis": str(tiny_model_dir)}), results)
+    both = {"tgis": str(tiny_model_dir), "mean": str(other)}
+    ablation.run_ablation(out, small(variants=("mean", "tgis"), starts=both), results)
+    assert json.loads((out / ablation.SETTINGS_RECORD).read_text())["starts"] == both
+    assert fake_runs == ["benchmark", "train tgis-0", "benchmark", "train mean-0", "train tgis-0"]
+    copy = shutil.copytree(tiny_model_dir, tmp_path / "copy")
+    with pytest.raises(ConfigError, match=rf"other starting points: tgis \({tiny_model_dir} -> {copy}\)"):
+        ablation.run_ablation(out, small(starts={"tgis": str(copy)}), results)
+    with pytest.raises(ConfigError, match="trained from starting points, this run has none"):
+        ablation.run_ablation(out, small(), results)
+    ablation.run_ablation(tmp_path / "scratch", small(), results)
+    with pytest.raises(ConfigError, match="trained from none, this run has starting points"):
+        ablation.run_ablation(tmp_path / "scratch", small(starts={"tgis": str(tiny_model_dir)}), results)
 
 
 PROSE = f"# Notes\n\nThe table goes between `{ablation.BEGIN}` and `{ablation.END}`.\n\nMy paragraph.\n"

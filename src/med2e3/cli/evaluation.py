@@ -207,7 +207,8 @@ def register_ablation(subparsers: Any) -> argparse.ArgumentParser:
         default=[],
         metavar="VARIANT=FOLDER",
         help="a trained model of VARIANT to fine-tune in stage 2 instead of a stage 1 from scratch; one per "
-        "variant (e.g. WORK/round8 of: bash scripts/train_tiny_model.sh WORK VARIANT)",
+        "variant run (e.g. WORK/round8 of: bash scripts/train_tiny_model.sh WORK VARIANT); a later run of the "
+        "folder may add variants with theirs",
     )
     p.add_argument("--results", help="Markdown file to fill (default OUT/results.md), e.g. docs/results.md")
     p.add_argument(

@@ -9,7 +9,9 @@ interrupted run resumes; a rerun with other settings in the same folder is refus
 
 With starting points (``starts``: one trained model folder per variant, e.g. ``WORK/round8`` of
 ``bash scripts/train_tiny_model.sh WORK VARIANT``) stage 1 is skipped and every run fine-tunes its variant's
-starting point with the same stage-2 budget: the recipe under which the tiny models read the scan.
+starting point with the same stage-2 budget: the recipe under which the tiny models read the scan. A later
+run of the same folder may add variants with their starting points (``--variants``); a variant's starting
+point cannot change.
 
 Every run is also asked its closed questions with another test volume (image reliance); the table reports
 that accuracy and the answer loss both ways next to the accuracy with the own volume.
@@ -110,7 +112,7 @@ def check_starts(starts: dict[str, str], variants: Sequence[str], data_seed: int
         raise ConfigError(
             f"--start gives no starting point for {', '.join(missing)}: give one per variant run"
         )
-    for variant in starts:  # all given, also for variants a later run of the same folder adds
+    for variant in starts:  # every one given, also for variants this run does not train
         folder = check_model_folder(starts[variant], role=f"--start {variant}")
         found = json.loads((folder / "config.json").read_text()).get("slice_aggregation")
         if found != variant:
@@ -233,7 +235,9 @@ def evaluate_run(run: Path, subsets: dict[str, list[Example]], settings: Ablatio
         report.write(run / "eval_full.json", run / "eval.md")
         summary = {k: v for k, v in report.to_dict().items() if k != "samples"}
     if measurable:
-        own = {key: row["answer"] for key, row in read_predictions(predictions).items()}
+        own = None  # answered again when the predictions are gone
+        if predictions.is_file():
+            own = {key: row["answer"] for key, row in read_predictions(predictions).items()}
         reliance = image_reliance(predictor, subsets["closed"], settings.closed_tokens, answers=own)
         summary["image_reliance"] = reliance.to_dict()
     write_atomic(done, json.dumps(summary, indent=2) + "\n")
@@ -365,11 +369,14 @@ def results_slots(path: Path) -> tuple[str, str]:
     return "".join(lines[: begins[0]]), "".join(lines[ends[0] + 1 :])
 
 
-def check_reuse(out: Path, settings: AblationSettings, data: Path, overwrite: bool) -> None:
-    """Raise ConfigError unless every run and evaluation already in ``out`` was made with ``settings``.
+def check_reuse(out: Path, settings: AblationSettings, data: Path, overwrite: bool) -> dict[str, Any]:
+    """Raise ConfigError unless every run and evaluation already in ``out`` was made with ``settings``;
+    return the settings to record for the folder.
 
-    With ``overwrite`` the runs in ``out/runs`` are deleted instead (the benchmark is kept, and redone
-    only where its own settings changed). Nothing is trained or written before these checks pass.
+    Starting points are compared per variant (`merge_starts`), so a later run of the folder may add
+    variants with theirs. With ``overwrite`` the runs in ``out/runs`` are deleted instead (the benchmark
+    is kept, and redone only where its own settings changed). Nothing is trained or written before these
+    checks pass.
     """
     from med2e3.training.runs import check_resume, describe_differences, differing_keys
 
@@ -379,17 +386,20 @@ def check_reuse(out: Path, settings: AblationSettings, data: Path, overwrite: bo
     if overwrite:
         for run in runs:
             shutil.rmtree(run)
-        return
+        return current
     if record.is_file():
         try:
             recorded = json.loads(record.read_text())
         except json.JSONDecodeError as err:
             raise ConfigError(f"{record}: unreadable ({err}); rerun with --overwrite") from None
+        starts = merge_starts(out, recorded.pop("starts", {}), current.pop("starts", {}))
         if differing_keys(recorded, current):
             raise ConfigError(
                 f"{out} holds ablation runs made with other settings: {describe_differences(recorded, current)}; "
                 "rerun with --overwrite to discard them, or choose another folder"
             )
+        if starts:
+            current["starts"] = starts
     elif runs:
         raise ConfigError(
             f"{out} holds ablation runs whose settings were not recorded; rerun with --overwrite to discard "
@@ -398,6 +408,27 @@ def check_reuse(out: Path, settings: AblationSettings, data: Path, overwrite: bo
     for variant, seed in _pairs(settings):
         for config in stage_configs(out / "runs" / f"{variant}-seed{seed}", data, variant, seed, settings):
             check_resume(config)
+    return current
+
+
+def merge_starts(out: Path, recorded: dict[str, str], current: dict[str, str]) -> dict[str, str]:
+    """The starting points of a folder whose runs used ``recorded`` and that is now run with ``current``:
+    both, merged. ConfigError when one gives starting points and the other none (runs of both kinds would
+    share one table) or when they name different folders for one variant."""
+    if bool(recorded) != bool(current):
+        had, now = ("starting points", "none") if recorded else ("none", "starting points")
+        raise ConfigError(
+            f"{out} holds ablation runs trained from {had}, this run has {now}; rerun with --overwrite to "
+            "discard them, or choose another folder"
+        )
+    changed = sorted(v for v in recorded.keys() & current.keys() if recorded[v] != current[v])
+    if changed:
+        what = ", ".join(f"{v} ({recorded[v]} -> {current[v]})" for v in changed)
+        raise ConfigError(
+            f"{out} holds ablation runs from other starting points: {what}; rerun with --overwrite to "
+            "discard them, or choose another folder"
+        )
+    return {**recorded, **current}
 
 
 def _pairs(settings: AblationSettings) -> list[tuple[str, int]]:
@@ -421,10 +452,8 @@ def run_ablation(
     out = Path(out).resolve()
     results_path = Path(results) if results else out / "results.md"
     results_slots(results_path)
-    check_reuse(out, settings, benchmark_dir(out), overwrite)
-    write_atomic(
-        out / SETTINGS_RECORD, json.dumps(settings.result_settings(), indent=2, sort_keys=True) + "\n"
-    )
+    record = check_reuse(out, settings, benchmark_dir(out), overwrite)
+    write_atomic(out / SETTINGS_RECORD, json.dumps(record, indent=2, sort_keys=True) + "\n")
     import torch
 
     torch.set_num_threads(settings.threads)
