@@ -270,3 +270,42 @@ def test_starting_point_script_refuses_an_unknown_variant_before_any_work(tmp_pa
     )
     assert done.returncode == 2 and "unknown variant '3d-only' (tgis, mean, none)" in done.stderr
     assert not work.exists()
+
+
+def test_slice_weights_benchmark_forces_each_weighting_and_tabulates_it(
+    bench_modules, capsys, tmp_path, tiny_model_dir
+):
+    """Inside `forced_weights` the model aggregates with the given weights (and reports them as its scores);
+    the oracle is uniform over the relevant slices; the run answers every question three ways per model."""
+    import shutil
+
+    from benchmarks import slice_weights
+
+    from med2e3.data.synth import benchmark_examples, generate_benchmark
+    from med2e3.inference import Med2E3Predictor
+
+    out = tmp_path / "ablation"
+    generate_benchmark(out / "synth", 12, seed=0, workers=1, progress=False)
+    shutil.copytree(tiny_model_dir, out / "runs" / "tgis-seed0" / "finetune")
+    (out / "runs" / "none-seed0" / "finetune").mkdir(parents=True)  # no 2D branch: not asked
+    closed = [e for e in benchmark_examples(out / "synth", "vqa", "test") if e.task == "vqa_closed"]
+    local = next(e for e in closed if e.relevant_slices and len(set(e.relevant_slices)) < 32)
+    oracle = slice_weights.mode_weights("oracle", local, 32)
+    assert oracle[0, sorted(set(local.relevant_slices))].sum() == pytest.approx(1.0)
+    assert (oracle > 0).sum() == len(set(local.relevant_slices))
+
+    predictor = Med2E3Predictor.from_pretrained(tiny_model_dir, device="cpu")
+    predictor.orientation = local.orientation
+    predictor.load(local.volume)
+    own = predictor.ask(local.question, local.prompt, max_new_tokens=2).slice_scores
+    with slice_weights.forced_weights(predictor.model, lambda: oracle):
+        forced = predictor.ask(local.question, local.prompt, max_new_tokens=2).slice_scores
+    assert torch.allclose(torch.tensor(forced), oracle[0])
+    assert predictor.ask(local.question, local.prompt, max_new_tokens=2).slice_scores == own
+
+    slice_weights.main([str(out), "--questions", "6", "--max-new-tokens", "2"])
+    lines = capsys.readouterr().out.splitlines()
+    record = json.loads(lines[0])
+    assert (record["variant"], record["seed"], record["questions"]) == ("tgis", 0, 6)
+    assert set(slice_weights.MODES) <= set(record) and 0 <= record["oracle"]["overall"] <= 1
+    assert "| overall, oracle weights | " in "\n".join(lines[1:])
