@@ -163,6 +163,10 @@ def test_ablation_from_starting_points_fine_tunes_them_and_measures_image_relian
     swapped = 100 * reliance["accuracy_swapped"]["overall"]
     assert f"| Image reliance: closed overall, swapped volume | {swapped:.1f} ± 0.0 |" in text
     assert f"| Image reliance: answer loss, own volume | {reliance['loss']:.3g} ± 0 |" in text
+    closed = ablation.eval_examples(tmp_path / "out" / "synth", settings)["closed"]
+    prior = ablation.closed_blind_prior(tmp_path / "out" / "synth", closed)
+    assert 0 < prior["overall"] < 1
+    assert f"| Blind prior: closed overall | {100 * prior['overall']:.1f} ± 0.0 |" in text
     dependence = summary["attention"]["question_dependence"]
     assert f"| TG-IS question dependence (median over volumes) | {dependence:.3g} ± 0 |" in text
     # an evaluation cached before image reliance was measured gets it on the next run, nothing else is redone

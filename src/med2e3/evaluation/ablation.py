@@ -209,6 +209,17 @@ def eval_examples(data: Path, settings: AblationSettings) -> dict[str, list[Exam
     }
 
 
+def closed_blind_prior(data: Path, closed: list[Example]) -> dict[str, float] | None:
+    """The accuracy of answering ``closed`` without the scan (`med2e3.demo.blind_prior`, from the benchmark's
+    training questions), per question type and overall; None without closed questions."""
+    if not closed:
+        return None
+    from med2e3.data.synth import benchmark_examples
+    from med2e3.demo import blind_prior
+
+    return blind_prior(benchmark_examples(data, "vqa", "train", form="closed"), closed)
+
+
 def evaluate_run(run: Path, subsets: dict[str, list[Example]], settings: AblationSettings) -> dict[str, Any]:
     """Predict (resumably) and score the test subsets with the run's final model, and measure its image
     reliance on the closed questions (`image_reliance`); cached in ``eval.json``."""
@@ -272,6 +283,7 @@ def table_rows() -> list[tuple[str, tuple[str, ...], bool]]:
     swapped = ("image_reliance", "accuracy_swapped")
     rows = [(f"Closed VQA: {t}", ("closed_vqa", "per_type", t), True) for t in QUESTION_TYPES]
     rows.append(("Closed VQA: overall", ("closed_vqa", "overall"), True))
+    rows += [(f"Blind prior: closed {t}", ("blind_prior", t), True) for t in (*QUESTION_TYPES, "overall")]
     rows += [(f"Image reliance: closed {t}, swapped volume", (*swapped, t), True) for t in QUESTION_TYPES]
     rows += [
         ("Image reliance: closed overall, swapped volume", (*swapped, "overall"), True),
@@ -459,11 +471,12 @@ def run_ablation(
     torch.set_num_threads(settings.threads)
     data = prepare_benchmark(out, settings)
     subsets = eval_examples(data, settings)
+    prior = closed_blind_prior(data, subsets.get("closed", []))
     summaries: dict[str, dict[int, dict[str, Any]]] = {v: {} for v in settings.variants}
     pairs = _pairs(settings)
 
     def finished(variant: str, seed: int, summary: dict[str, Any], minutes: float) -> None:
-        summaries[variant][seed] = summary
+        summaries[variant][seed] = {**summary, "blind_prior": prior}
         _log(f"{variant}-seed{seed}: done in {minutes:.1f} min")
         write_results(results_path, results_table(summaries), settings, time.monotonic() - start, False)
 
