@@ -492,7 +492,8 @@ def _add_routes(app: FastAPI, server: ServerState) -> None:
             except VolumeError as err:
                 raise refused(label, err) from None
             warning = await run_in_threadpool(ct_window_problem, volume, server.predictor.window, label)
-            entry = server.store.add(vid, source, label, loaded, warning)
+            # its value range and disk size read the whole volume: off the event loop
+            entry = await run_in_threadpool(server.store.add, vid, source, label, loaded, warning)
         except BaseException:
             server.store.discard(vid)
             raise
