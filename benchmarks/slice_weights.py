@@ -92,12 +92,12 @@ def answer_with_weights(predictor: Any, examples: Sequence[Example], max_new_tok
     return result
 
 
-def models(out: Path) -> list[tuple[str, int, Path]]:
-    """(variant, seed, final model folder) of every finished tgis / mean run of an ablation folder."""
+def models(out: Path, variants: Sequence[str] = ("tgis", "mean")) -> list[tuple[str, int, Path]]:
+    """(variant, seed, final model folder) of every finished run of ``variants`` in an ablation folder."""
     found = []
     for run in sorted((out / "runs").glob("*-seed*")):
         match = re.fullmatch(r"(tgis|mean)-seed(\d+)", run.name)
-        if match and (run / "finetune" / "config.json").is_file():
+        if match and match[1] in variants and (run / "finetune" / "config.json").is_file():
             found.append((match[1], int(match[2]), run / "finetune"))
     return found
 
@@ -125,6 +125,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("out", type=Path, help="a med2e3 ablation folder")
     parser.add_argument("--questions", type=int, default=200, help="held-out closed questions (default 200)")
     parser.add_argument("--max-new-tokens", type=int, default=8)
+    parser.add_argument("--variants", nargs="+", choices=("tgis", "mean"), default=["tgis", "mean"])
     args = parser.parse_args(argv)
 
     from med2e3.evaluation.ablation import AblationSettings, benchmark_dir, eval_examples
@@ -134,7 +135,7 @@ def main(argv: list[str] | None = None) -> None:
     settings = AblationSettings(closed_eval=args.questions, open_eval=0, report_eval=0)
     examples = eval_examples(benchmark_dir(args.out), settings)["closed"]
     records = []
-    for variant, seed, folder in models(args.out):
+    for variant, seed, folder in models(args.out, args.variants):
         predictor = Med2E3Predictor.from_pretrained(folder, device="cpu")
         record = {"variant": variant, "seed": seed, "questions": len(examples)}
         record.update(answer_with_weights(predictor, examples, args.max_new_tokens))
