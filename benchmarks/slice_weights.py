@@ -1,10 +1,11 @@
 """Would better slice weights help a trained model? Closed VQA with the slice weights replaced at inference.
 
 Every model with a 2D branch (``tgis`` or ``mean``) answers the held-out closed questions of an ablation
-folder's benchmark three times, its weights over the 32 slices being: its own (TG-IS scores, or uniform for
-``mean``), uniform, and an oracle (uniform over the question's relevant slices, zero elsewhere; a question
-whose relevant slices are none or all keeps uniform). If the oracle does not beat the model's own weights,
-finding the right slices is not what limits the answers. Each question is answered alone (greedy). Run from
+folder's benchmark four times, its weights over the 32 slices being: its own (TG-IS scores, or uniform for
+``mean``), uniform, an oracle (uniform over the question's relevant slices, zero elsewhere; a question
+whose relevant slices are none or all keeps uniform), and zero (the 2D tokens become zero vectors: what the
+answers owe to the 2D branch at all). If the oracle does not beat the model's own weights, finding the
+right slices is not what limits the answers. Each question is answered alone (greedy). Run from
 the repository root, after ``med2e3 ablation``::
 
     python -m benchmarks.slice_weights runs/ablation-starters --questions 200
@@ -30,16 +31,18 @@ from med2e3.data.datasets import Example
 from med2e3.evaluation.metrics import closed_vqa_accuracy
 from med2e3.model.tgis import aggregate_slices
 
-MODES = ("own", "uniform", "oracle")
+MODES = ("own", "uniform", "oracle", "zero")
 ROWS = ("overall", "Abnormality", "Location")
 
 
 def mode_weights(mode: str, example: Example, slices: int) -> torch.Tensor | None:
-    """1 x S weights of ``mode`` for ``example``: None (the model's own), uniform, or the oracle (uniform over
-    the relevant slices; uniform over all when they are none or all)."""
+    """1 x S weights of ``mode`` for ``example``: None (the model's own), uniform, the oracle (uniform over
+    the relevant slices; uniform over all when they are none or all), or zero."""
     relevant = sorted(set(example.relevant_slices or ()))
     if mode == "own":
         return None
+    if mode == "zero":
+        return torch.zeros(1, slices)
     if mode == "uniform" or not relevant or len(relevant) == slices:
         return torch.full((1, slices), 1.0 / slices)
     weights = torch.zeros(1, slices)

@@ -308,4 +308,5 @@ def test_slice_weights_benchmark_forces_each_weighting_and_tabulates_it(
     record = json.loads(lines[0])
     assert (record["variant"], record["seed"], record["questions"]) == ("tgis", 0, 6)
     assert set(slice_weights.MODES) <= set(record) and 0 <= record["oracle"]["overall"] <= 1
+    assert slice_weights.mode_weights("zero", local, 32).abs().sum() == 0
     assert "| overall, oracle weights | " in "\n".join(lines[1:])
