@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 from med2e3.data.datasets import Example
-from med2e3.evaluation.metrics import closed_vqa_accuracy
+from med2e3.evaluation.reliance import closed_accuracy
 from med2e3.model.tgis import aggregate_slices
 
 MODES = ("own", "uniform", "oracle", "zero")
@@ -52,7 +52,10 @@ def mode_weights(mode: str, example: Example, slices: int) -> torch.Tensor | Non
 
 @contextmanager
 def forced_weights(model: Any, weights: Callable[[], torch.Tensor | None]) -> Iterator[None]:
-    """While inside, ``model`` aggregates its slice tokens with ``weights()`` (1 x S) when that is not None."""
+    """While inside, ``model`` aggregates its slice tokens with ``weights()`` (1 x S) when that is not None.
+
+    It replaces the instance's ``visual_tokens``: a predictor that runs it as a CUDA graph would not see it,
+    hence the CPU predictor in `main`."""
     original = model.visual_tokens
 
     def visual_tokens(encoding: Any, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -84,15 +87,7 @@ def answer_with_weights(predictor: Any, examples: Sequence[Example], max_new_tok
                 forced[0] = mode_weights(mode, ex, slices)
                 got = predictor.ask_many([ex.question], [ex.prompt], max_new_tokens=max_new_tokens)[0]
                 answers[mode][ex.id] = got.answer
-    result = {}
-    for mode in MODES:
-        metrics = closed_vqa_accuracy(
-            [answers[mode][ex.id] for ex in examples],
-            [ex.answer_letter or "" for ex in examples],
-            [ex.question_type or "all" for ex in examples],
-        )
-        result[mode] = {"overall": metrics.overall, **metrics.per_type}
-    return result
+    return {mode: closed_accuracy(examples, answers[mode]) for mode in MODES}
 
 
 def models(out: Path, variants: Sequence[str] = ("tgis", "mean")) -> list[tuple[str, int, Path]]:
@@ -106,7 +101,7 @@ def models(out: Path, variants: Sequence[str] = ("tgis", "mean")) -> list[tuple[
 
 
 def table(records: list[dict[str, Any]]) -> str:
-    """Markdown: one row per (question type, weights), one column per variant (mean ± std over seeds)."""
+    """Markdown: one row per (`ROWS` entry, weights), one column per variant (mean ± std over seeds)."""
     variants = sorted({r["variant"] for r in records}, reverse=True)  # tgis, mean
     lines = [
         "| closed VQA, % | " + " | ".join(variants) + " |",
@@ -127,21 +122,27 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("out", type=Path, help="a med2e3 ablation folder")
     parser.add_argument("--questions", type=int, default=200, help="held-out closed questions (default 200)")
-    parser.add_argument("--max-new-tokens", type=int, default=8)
+    parser.add_argument(
+        "--max-new-tokens", type=int, help="default: the ablation's closed_tokens (ablation_settings.json)"
+    )
     parser.add_argument("--variants", nargs="+", choices=("tgis", "mean"), default=["tgis", "mean"])
     args = parser.parse_args(argv)
 
-    from med2e3.evaluation.ablation import AblationSettings, benchmark_dir, eval_examples
+    from med2e3.evaluation.ablation import SETTINGS_RECORD, AblationSettings, benchmark_dir, eval_examples
     from med2e3.inference import Med2E3Predictor
 
     torch.set_num_threads(1)
     settings = AblationSettings(closed_eval=args.questions, open_eval=0, report_eval=0)
+    recorded = args.out / SETTINGS_RECORD
+    if args.max_new_tokens is None and recorded.is_file():
+        args.max_new_tokens = json.loads(recorded.read_text()).get("closed_tokens")
+    tokens = args.max_new_tokens or settings.closed_tokens
     examples = eval_examples(benchmark_dir(args.out), settings)["closed"]
     records = []
     for variant, seed, folder in models(args.out, args.variants):
         predictor = Med2E3Predictor.from_pretrained(folder, device="cpu")
         record = {"variant": variant, "seed": seed, "questions": len(examples)}
-        record.update(answer_with_weights(predictor, examples, args.max_new_tokens))
+        record.update(answer_with_weights(predictor, examples, tokens))
         print(json.dumps(record), flush=True)
         records.append(record)
     if not records:

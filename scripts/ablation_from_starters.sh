@@ -11,7 +11,9 @@
 set -euo pipefail
 results=${1:-runs/ablation-starters/results.md}
 mkdir -p runs
+set -m  # each starting point in its own process group, so that an interrupt stops all of it
 pids=()
+trap 'for pid in "${pids[@]}"; do kill -- "-$pid" 2>/dev/null; done; exit 130' INT TERM
 for variant in none mean; do
   OMP_NUM_THREADS=1 bash scripts/train_tiny_model.sh "runs/tiny-model-$variant" "$variant" \
     >>"runs/tiny-model-$variant.log" 2>&1 &

@@ -276,7 +276,7 @@ def test_slice_weights_benchmark_forces_each_weighting_and_tabulates_it(
     bench_modules, capsys, tmp_path, tiny_model_dir
 ):
     """Inside `forced_weights` the model aggregates with the given weights (and reports them as its scores);
-    the oracle is uniform over the relevant slices; the run answers every question three ways per model."""
+    the oracle is uniform over the relevant slices; the run answers every question once per weighting and model."""
     import shutil
 
     from benchmarks import slice_weights

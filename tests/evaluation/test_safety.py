@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -176,6 +177,13 @@ def test_ablation_from_starting_points_fine_tunes_them_and_measures_image_relian
     ablation.run_ablation(tmp_path / "out", settings, tmp_path / "results.md")
     again = json.loads((run / "eval.json").read_text())
     assert again["image_reliance"] == reliance and (run / "predictions.jsonl").read_text() == predictions
+    assert reliance["accuracy"]["overall"] == summary["closed_vqa"]["overall"]  # the predictions' answers
+    # with the predictions gone, the own-volume answers are generated again
+    (run / "predictions.jsonl").unlink()
+    del again["image_reliance"]
+    (run / "eval.json").write_text(json.dumps(again))
+    ablation.run_ablation(tmp_path / "out", settings, tmp_path / "results.md")
+    assert json.loads((run / "eval.json").read_text())["image_reliance"]["n_closed"] == reliance["n_closed"]
 
 
 def test_ablation_folder_gains_variants_with_their_starting_points(tmp_path, fake_runs, tiny_model_dir):
@@ -191,13 +199,19 @@ def test_ablation_folder_gains_variants_with_their_starting_points(tmp_path, fak
     assert json.loads((out / ablation.SETTINGS_RECORD).read_text())["starts"] == both
     assert fake_runs == ["benchmark", "train tgis-0", "benchmark", "train mean-0", "train tgis-0"]
     copy = shutil.copytree(tiny_model_dir, tmp_path / "copy")
-    with pytest.raises(ConfigError, match=rf"other starting points: tgis \({tiny_model_dir} -> {copy}\)"):
+    changed = re.escape(f"other starting points: tgis ({tiny_model_dir} -> {copy})")
+    with pytest.raises(ConfigError, match=changed):
         ablation.run_ablation(out, small(starts={"tgis": str(copy)}), results)
     with pytest.raises(ConfigError, match="trained from starting points, this run has none"):
         ablation.run_ablation(out, small(), results)
     ablation.run_ablation(tmp_path / "scratch", small(), results)
     with pytest.raises(ConfigError, match="trained from none, this run has starting points"):
         ablation.run_ablation(tmp_path / "scratch", small(starts={"tgis": str(tiny_model_dir)}), results)
+    shutil.rmtree(tmp_path / "scratch" / "runs")  # settings recorded, no run made: nothing to keep apart
+    ablation.run_ablation(tmp_path / "scratch", small(starts={"tgis": str(copy)}), results)
+    assert json.loads((tmp_path / "scratch" / ablation.SETTINGS_RECORD).read_text())["starts"] == {
+        "tgis": str(copy)
+    }
 
 
 PROSE = f"# Notes\n\nThe table goes between `{ablation.BEGIN}` and `{ablation.END}`.\n\nMy paragraph.\n"

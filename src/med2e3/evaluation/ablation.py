@@ -404,7 +404,7 @@ def check_reuse(out: Path, settings: AblationSettings, data: Path, overwrite: bo
             recorded = json.loads(record.read_text())
         except json.JSONDecodeError as err:
             raise ConfigError(f"{record}: unreadable ({err}); rerun with --overwrite") from None
-        starts = merge_starts(out, recorded.pop("starts", {}), current.pop("starts", {}))
+        starts = merge_starts(out, runs, recorded.pop("starts", {}), current.pop("starts", {}))
         if differing_keys(recorded, current):
             raise ConfigError(
                 f"{out} holds ablation runs made with other settings: {describe_differences(recorded, current)}; "
@@ -423,24 +423,31 @@ def check_reuse(out: Path, settings: AblationSettings, data: Path, overwrite: bo
     return current
 
 
-def merge_starts(out: Path, recorded: dict[str, str], current: dict[str, str]) -> dict[str, str]:
-    """The starting points of a folder whose runs used ``recorded`` and that is now run with ``current``:
-    both, merged. ConfigError when one gives starting points and the other none (runs of both kinds would
-    share one table) or when they name different folders for one variant."""
+def merge_starts(
+    out: Path, runs: Sequence[Path], recorded: dict[str, str], current: dict[str, str]
+) -> dict[str, str]:
+    """The starting points to record for a folder holding ``runs`` made from ``recorded``, now run with
+    ``current``: those of the variants with runs, merged with ``current``. ConfigError when the runs were
+    trained from starting points and this run has none (or the reverse: the two kinds would share one
+    table), or when a variant with runs is given another starting point."""
+    ran = {run.name.split("-seed")[0] for run in runs}
+    if not ran:
+        return current
     if bool(recorded) != bool(current):
         had, now = ("starting points", "none") if recorded else ("none", "starting points")
         raise ConfigError(
             f"{out} holds ablation runs trained from {had}, this run has {now}; rerun with --overwrite to "
             "discard them, or choose another folder"
         )
-    changed = sorted(v for v in recorded.keys() & current.keys() if recorded[v] != current[v])
+    kept = {v: folder for v, folder in recorded.items() if v in ran}
+    changed = sorted(v for v in kept.keys() & current.keys() if kept[v] != current[v])
     if changed:
-        what = ", ".join(f"{v} ({recorded[v]} -> {current[v]})" for v in changed)
+        what = ", ".join(f"{v} ({kept[v]} -> {current[v]})" for v in changed)
         raise ConfigError(
             f"{out} holds ablation runs from other starting points: {what}; rerun with --overwrite to "
             "discard them, or choose another folder"
         )
-    return {**recorded, **current}
+    return {**kept, **current}
 
 
 def _pairs(settings: AblationSettings) -> list[tuple[str, int]]:

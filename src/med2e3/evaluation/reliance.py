@@ -100,7 +100,9 @@ def _answer(
     return answers, losses
 
 
-def _accuracy(examples: Sequence[Example], answers: dict[str, str]) -> dict[str, float]:
+def closed_accuracy(examples: Sequence[Example], answers: Mapping[str, str]) -> dict[str, float]:
+    """Closed-VQA accuracy of ``answers`` (by id) on the closed ``examples``, overall and per question type
+    (the release's rule); empty without closed examples."""
     closed = [ex for ex in examples if ex.task == "vqa_closed"]
     if not closed:
         return {}
@@ -140,8 +142,8 @@ def image_reliance(
     return ImageReliance(
         n=len(examples),
         n_closed=sum(ex.task == "vqa_closed" for ex in examples),
-        accuracy=_accuracy(examples, answers),
-        accuracy_swapped=_accuracy(examples, answers_swapped),
+        accuracy=closed_accuracy(examples, answers),
+        accuracy_swapped=closed_accuracy(examples, answers_swapped),
         loss=statistics.fmean(losses.values()),
         loss_swapped=statistics.fmean(losses_swapped.values()),
     )

@@ -121,9 +121,9 @@ class VolumeStore:
             value_range=(float(volume.array.min()), float(volume.array.max())),
             disk_bytes=_disk_bytes(self.root / vid),
             warning=warning,
-            last_used=self.clock(),
         )
-        with self._lock:
+        with self._lock:  # stamped under the lock: the newest entry is never the one evicted
+            entry.last_used = self.clock()
             self._entries[vid] = entry
             self.cache(vid, loaded)
             for old in self._over_limits():
