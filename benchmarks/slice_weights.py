@@ -38,11 +38,11 @@ ROWS = ("overall", "Abnormality", "Location")
 def mode_weights(mode: str, example: Example, slices: int) -> torch.Tensor | None:
     """1 x S weights of ``mode`` for ``example``: None (the model's own), uniform, the oracle (uniform over
     the relevant slices; uniform over all when they are none or all), or zero."""
-    relevant = sorted(set(example.relevant_slices or ()))
     if mode == "own":
         return None
     if mode == "zero":
         return torch.zeros(1, slices)
+    relevant = sorted(set(example.relevant_slices or ()))
     if mode == "uniform" or not relevant or len(relevant) == slices:
         return torch.full((1, slices), 1.0 / slices)
     weights = torch.zeros(1, slices)
@@ -134,8 +134,8 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(1)
     settings = AblationSettings(closed_eval=args.questions, open_eval=0, report_eval=0)
     recorded = args.out / SETTINGS_RECORD
-    if args.max_new_tokens is None and recorded.is_file():
-        args.max_new_tokens = json.loads(recorded.read_text()).get("closed_tokens")
+    if recorded.is_file():
+        settings.closed_tokens = json.loads(recorded.read_text()).get("closed_tokens", settings.closed_tokens)
     tokens = args.max_new_tokens or settings.closed_tokens
     examples = eval_examples(benchmark_dir(args.out), settings)["closed"]
     records = []
