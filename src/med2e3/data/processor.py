@@ -173,13 +173,16 @@ class Med2E3Processor:
         cls,
         config: Med2E3Config,
         question_tokenizer: PreTrainedTokenizerBase | None = None,
+        tokenizer: PreTrainedTokenizerBase | None = None,
         **kwargs,
     ) -> Med2E3Processor:
         """The bundled tokenizers with ``config``'s geometry (the tiny preset and other random-init models).
 
-        ``question_tokenizer`` replaces the bundled one (a pretrained question encoder's own tokenizer).
+        ``question_tokenizer`` and ``tokenizer`` replace the bundled ones (a pretrained question encoder's and
+        LLM's own tokenizers).
         """
-        tokenizer, bundled_question_tokenizer = bundled_tokenizers()
+        bundled_tokenizer, bundled_question_tokenizer = bundled_tokenizers()
+        tokenizer = tokenizer or bundled_tokenizer
         which = "given"
         if question_tokenizer is None:
             which, question_tokenizer = "bundled", bundled_question_tokenizer

@@ -15,16 +15,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import BertConfig, PreTrainedModel
+from transformers import BertConfig, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.trainer_callback import TrainerCallback
 
 from med2e3.config import Med2E3Config
 from med2e3.data.datasets import Example
-from med2e3.data.processor import IGNORE_INDEX, Med2E3Processor, load_tokenizer
+from med2e3.data.processor import IGNORE_INDEX, IMAGE_TOKEN, Med2E3Processor, load_tokenizer
 from med2e3.errors import ConfigError, DatasetError
 from med2e3.files import write_atomic
-from med2e3.folders import check_model_folder, named_folder
+from med2e3.folders import check_model_folder, gguf_kwargs, named_folder
 from med2e3.model import Med2E3ForConditionalGeneration
+from med2e3.release import add_image_token, read_llm_folder
 from med2e3.training.config import TrainConfig, config_to_dict
 from med2e3.training.data import Collator, VolumeCache, VolumeTextDataset, load_examples
 from med2e3.training.runs import (
@@ -62,11 +63,15 @@ def build_model(config: TrainConfig) -> tuple[Med2E3ForConditionalGeneration, Me
         if question_folder:
             overrides["question_encoder_config"] = BertConfig.from_pretrained(question_folder)
             question_tokenizer = load_tokenizer(question_folder)
+        llm_folder = named_folder(section.language_model) if section.language_model else None
+        tokenizer = own_vocabulary(llm_folder, overrides) if llm_folder else None
         torch.manual_seed(config.seed)
         model = Med2E3ForConditionalGeneration(Med2E3Config.from_preset(section.preset, **overrides))
-        processor = Med2E3Processor.for_config(model.config, question_tokenizer=question_tokenizer)
-        if section.language_model:
-            load_pretrained_part(model.language_model, named_folder(section.language_model))
+        processor = Med2E3Processor.for_config(
+            model.config, question_tokenizer=question_tokenizer, tokenizer=tokenizer
+        )
+        if llm_folder:
+            load_pretrained_part(model.language_model, llm_folder)
         if question_folder and hasattr(model, "question_encoder"):  # mean / none: no question encoder
             load_pretrained_part(model.question_encoder, question_folder)
     if section.init_from and section.slice_aggregation not in (None, model.config.slice_aggregation):
@@ -94,12 +99,34 @@ def reinit_question_encoder(model: Med2E3ForConditionalGeneration, seed: int, fo
     model.tgis.text_proj.reset_parameters()
 
 
+def own_vocabulary(folder: Path, overrides: dict[str, Any]) -> PreTrainedTokenizerBase | None:
+    """The tokenizer of an LLM folder, with the image token added, its config and the token's id put into
+    ``overrides`` (the vocabulary grows to a multiple of 64 rows when the token needs a new one); None when
+    the folder has no tokenizer: it then takes the preset's, whose shape preflight checked it has."""
+    text_config, tokenizer = read_llm_folder(folder)
+    if tokenizer is None:
+        return None
+    if IMAGE_TOKEN not in tokenizer.get_vocab() and len(tokenizer) >= text_config.vocab_size:
+        text_config.vocab_size = -(-(len(tokenizer) + 1) // 64) * 64
+    overrides["image_token_id"] = add_image_token(tokenizer, text_config.vocab_size)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    overrides["text_config"] = text_config
+    return tokenizer
+
+
 def load_pretrained_part(part: PreTrainedModel, folder: Path) -> None:
     """Replace the random weights of a preset's part (its LLM, its question encoder) by those of a folder of
-    the same architecture, checked in preflight; ConfigError naming the folder when they lack any of them."""
-    pretrained, info = type(part).from_pretrained(folder, dtype=part.dtype, output_loading_info=True)
+    the same architecture (`own_vocabulary` may have grown the LLM's), checked in preflight; ConfigError naming
+    the folder when they lack any of them."""
+    pretrained, info = type(part).from_pretrained(
+        folder, dtype=part.dtype, output_loading_info=True, local_files_only=True, **gguf_kwargs(folder)
+    )
     if info["missing_keys"]:
         raise ConfigError(f"{folder}: the weights lack {', '.join(sorted(info['missing_keys']))}")
+    rows = part.get_input_embeddings().num_embeddings
+    if pretrained.get_input_embeddings().num_embeddings != rows:
+        pretrained.resize_token_embeddings(rows)  # new rows: the mean of the others
     part.load_state_dict(pretrained.state_dict())
 
 
