@@ -231,7 +231,7 @@ def evaluate_run(run: Path, subsets: dict[str, list[Example]], settings: Ablatio
     from med2e3.evaluation.reliance import image_reliance
     from med2e3.inference import Med2E3Predictor
 
-    predictor = Med2E3Predictor.from_pretrained(run / "finetune", device="cpu")
+    predictor = Med2E3Predictor.from_pretrained(run / "finetune")  # where training ran: CUDA if there is one
     predictions = run / "predictions.jsonl"
     if summary is None:  # else evaluated before image reliance was measured: only that is added
         examples = [e for part in subsets.values() for e in part]
@@ -332,18 +332,30 @@ def results_table(summaries: dict[str, dict[int, dict[str, Any]]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_results(path: Path, table: str, settings: AblationSettings, seconds: float, complete: bool) -> Path:
-    """Put the generated block between the markers of ``path`` (the rest of the file is kept)."""
+def write_results(
+    path: Path, table: str, settings: AblationSettings, seconds: float, complete: bool, machine: str = ""
+) -> Path:
+    """Put the generated block between the markers of ``path`` (the rest of the file is kept); ``machine``
+    names where the runs of this invocation trained (`_machine`)."""
     status = "complete" if complete else "INCOMPLETE (rerun the same command to finish)"
     block = (
         f"{BEGIN}\n"
-        f"{SIGNATURE} ({status}); this invocation took {seconds / 60:.1f} min "
+        f"{SIGNATURE} ({status}); this invocation took {seconds / 60:.1f} min{machine and ' on ' + machine} "
         f"(runs finished earlier are reused, not counted). Settings: "
         f"`{json.dumps(settings.to_dict(), sort_keys=True)}`_\n\n"
         f"{table}{END}\n"
     )
     head, tail = results_slots(path)
     return write_atomic(path, head + block + tail)
+
+
+def _machine() -> str:
+    """The device runs train on, in words (one CUDA GPU's name, else the CPU's core count)."""
+    import torch
+
+    if torch.cuda.is_available():
+        return f"{torch.cuda.get_device_name(0)} (CUDA)"
+    return f"CPU ({os.cpu_count()} cores)"
 
 
 def results_slots(path: Path) -> tuple[str, str]:
@@ -482,10 +494,16 @@ def run_ablation(
     summaries: dict[str, dict[int, dict[str, Any]]] = {v: {} for v in settings.variants}
     pairs = _pairs(settings)
 
-    def finished(variant: str, seed: int, summary: dict[str, Any], minutes: float) -> None:
+    machine = ""
+
+    def finished(variant: str, seed: int, summary: dict[str, Any], minutes: float, where: str) -> None:
+        nonlocal machine
+        machine = where
         summaries[variant][seed] = {**summary, "blind_prior": prior}
         _log(f"{variant}-seed{seed}: done in {minutes:.1f} min")
-        write_results(results_path, results_table(summaries), settings, time.monotonic() - start, False)
+        write_results(
+            results_path, results_table(summaries), settings, time.monotonic() - start, False, machine
+        )
 
     if settings.jobs == 1:
         for variant, seed in pairs:
@@ -503,7 +521,7 @@ def run_ablation(
             }
             for future in as_completed(futures):
                 finished(*futures[future], *future.result())
-    write_results(results_path, results_table(summaries), settings, time.monotonic() - start, True)
+    write_results(results_path, results_table(summaries), settings, time.monotonic() - start, True, machine)
     _log(f"ablation finished in {(time.monotonic() - start) / 60:.1f} min; table in {results_path}")
     return results_path
 
@@ -515,15 +533,16 @@ def _run_one(
     seed: int,
     settings: AblationSettings,
     subsets: dict[str, list[Example]],
-) -> tuple[dict[str, Any], float]:
-    """Train (resumably) and evaluate one (variant, seed); return its summary and the minutes it took."""
+) -> tuple[dict[str, Any], float, str]:
+    """Train (resumably) and evaluate one (variant, seed); return its summary, the minutes it took and the
+    machine (`_machine`: asked in the worker, so that the parent of forked workers never starts CUDA)."""
     import torch
 
     torch.set_num_threads(settings.threads)
     t0 = time.monotonic()
     run = out / "runs" / f"{variant}-seed{seed}"
     train_run(run, data, variant, seed, settings)
-    return evaluate_run(run, subsets, settings), (time.monotonic() - t0) / 60
+    return evaluate_run(run, subsets, settings), (time.monotonic() - t0) / 60, _machine()
 
 
 def _log(message: str) -> None:
