@@ -80,9 +80,8 @@ def answer_with_weights(predictor: Any, examples: Sequence[Example], max_new_tok
     forced: list[torch.Tensor | None] = [None]
     answers: dict[str, dict[str, str]] = {mode: {} for mode in MODES}
     with forced_weights(predictor.model, lambda: forced[0]):
-        for volume, group in groupby(examples, key=lambda ex: (ex.volume, ex.orientation)):
-            predictor.orientation = volume[1]
-            predictor.load(volume[0])
+        for (volume, orientation), group in groupby(examples, key=lambda ex: (ex.volume, ex.orientation)):
+            predictor.load(volume, orientation)
             for ex, mode in product(group, MODES):
                 forced[0] = mode_weights(mode, ex, slices)
                 got = predictor.ask_many([ex.question], [ex.prompt], max_new_tokens=max_new_tokens)[0]

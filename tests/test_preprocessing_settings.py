@@ -68,6 +68,8 @@ def test_predictor_preprocesses_as_trained(trained):
     axial = prepare_volume(load_volume(path, orientation="axial"), size, window="bone")
     got = predictor.load(path).pixel_values[0]
     assert torch.equal(got, expected) and not torch.equal(got, axial)
+    assert torch.equal(predictor.load(path, "axial").pixel_values[0], axial)  # one volume read otherwise
+    assert predictor.orientation == "acquisition"
 
 
 def test_ask_and_serve_use_the_model_settings_without_flags(trained):

@@ -143,9 +143,9 @@ def _evaluate(
     Also returns the answers by id."""
     outputs: dict[str, str] = {}
     scores: dict[str, list[float] | None] = {}
-    for volume, group in groupby(examples, key=lambda ex: ex.volume):
+    for (volume, orientation), group in groupby(examples, key=lambda ex: (ex.volume, ex.orientation)):
         batch = list(group)
-        predictor.load(volume)
+        predictor.load(volume, orientation)
         answers = predictor.ask_many(
             [ex.question for ex in batch], [ex.prompt for ex in batch], max_new_tokens=CLOSED_TOKENS
         )

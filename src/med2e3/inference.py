@@ -308,22 +308,31 @@ class Med2E3Predictor:
             self.visual_tokens(encoding, ids, torch.ones_like(ids))
 
     # ---- volumes ----------------------------------------------------------------------------------
-    def read(self, volume: str | Path | np.ndarray | torch.Tensor | Volume) -> Volume:
-        """A path (read with `load_volume`), an array or a `Volume`, checked to be big enough to be a scan."""
+    def read(
+        self, volume: str | Path | np.ndarray | torch.Tensor | Volume, orientation: Orientation | None = None
+    ) -> Volume:
+        """A path (read with `load_volume`, in ``orientation``, default the predictor's), an array or a
+        `Volume`, checked to be big enough to be a scan."""
         if isinstance(volume, (str, Path)):
-            volume = load_volume(volume, self.orientation, self.max_volume_bytes, self.bad_slices)
+            orientation = check_orientation(orientation) if orientation else self.orientation
+            volume = load_volume(volume, orientation, self.max_volume_bytes, self.bad_slices)
         elif not isinstance(volume, Volume):
             volume = from_array(volume)
         return check_scan_size(volume)
 
     @torch.no_grad()
-    def load(self, volume: str | Path | np.ndarray | torch.Tensor | Volume) -> LoadedVolume:
-        """Read, preprocess and encode a volume (once); later questions reuse the encoding."""
-        return self._encode(*self._prepare(volume))
+    def load(
+        self, volume: str | Path | np.ndarray | torch.Tensor | Volume, orientation: Orientation | None = None
+    ) -> LoadedVolume:
+        """Read (a file in ``orientation``, default the predictor's), preprocess and encode a volume (once);
+        later questions reuse the encoding."""
+        return self._encode(*self._prepare(volume, orientation))
 
-    def _prepare(self, volume: Any) -> tuple[Volume, torch.Tensor, list[tuple[int, int]]]:
+    def _prepare(
+        self, volume: Any, orientation: Orientation | None = None
+    ) -> tuple[Volume, torch.Tensor, list[tuple[int, int]]]:
         """The CPU part of `load`: read and preprocess (batch mode runs it ahead, in a worker thread)."""
-        vol = self.read(volume)
+        vol = self.read(volume, orientation)
         self._warn_window(vol)
         size = tuple(self.model.config.vision3d_config.image_size)
         pixel_values = prepare_volume(vol, size, window=self.window)[None]

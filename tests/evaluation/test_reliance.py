@@ -32,6 +32,7 @@ def _examples() -> list[Example]:
             answer=f"{_letter(v)}. {_letter(v).lower()}",
             answer_letter=_letter(v),
             question_type="Plane",
+            orientation="acquisition",  # not the predictor's default: each volume is read as its example says
         )
         for v in VOLUMES
         for q in range(3)
@@ -46,7 +47,8 @@ class FakePredictor:
         self.orientation = "axial"
         self.volume: Path | None = None
 
-    def load(self, volume: Path) -> None:
+    def load(self, volume: Path, orientation: str | None = None) -> None:
+        assert orientation == "acquisition"  # each example's, not the predictor's default
         self.volume = volume
 
     def _said(self) -> str:

@@ -79,24 +79,17 @@ def _answer(
         by_volume[volumes[ex.volume]].append(ex)
     answers: dict[str, str] = {}
     losses: dict[str, float] = {}
-    saved = predictor.orientation
-    try:
-        for volume, group in by_volume.items():
-            predictor.orientation = group[0].orientation
-            predictor.load(volume)
-            questions, prompts = [ex.question for ex in group], [ex.prompt for ex in group]
-            loss = predictor.answer_loss(questions, [ex.answer or "" for ex in group], prompts)
-            losses.update({ex.id: value for ex, value in zip(group, loss, strict=True)})
-            closed = [ex for ex in group if ex.task == "vqa_closed"] if generate else []
-            if closed:
-                got = predictor.ask_many(
-                    [ex.question for ex in closed],
-                    [ex.prompt for ex in closed],
-                    max_new_tokens=max_new_tokens,
-                )
-                answers.update({ex.id: a.answer for ex, a in zip(closed, got, strict=True)})
-    finally:
-        predictor.orientation = saved
+    for volume, group in by_volume.items():
+        predictor.load(volume, group[0].orientation)
+        questions, prompts = [ex.question for ex in group], [ex.prompt for ex in group]
+        loss = predictor.answer_loss(questions, [ex.answer or "" for ex in group], prompts)
+        losses.update({ex.id: value for ex, value in zip(group, loss, strict=True)})
+        closed = [ex for ex in group if ex.task == "vqa_closed"] if generate else []
+        if closed:
+            got = predictor.ask_many(
+                [ex.question for ex in closed], [ex.prompt for ex in closed], max_new_tokens=max_new_tokens
+            )
+            answers.update({ex.id: a.answer for ex, a in zip(closed, got, strict=True)})
     return answers, losses
 
 
