@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import statistics
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -28,6 +27,7 @@ from typing import Any
 import torch
 
 from med2e3.data.datasets import Example
+from med2e3.evaluation.ablation import run_folders
 from med2e3.evaluation.reliance import closed_accuracy
 from med2e3.model.tgis import aggregate_slices
 
@@ -91,12 +91,11 @@ def answer_with_weights(predictor: Any, examples: Sequence[Example], max_new_tok
 
 def models(out: Path, variants: Sequence[str] = ("tgis", "mean")) -> list[tuple[str, int, Path]]:
     """(variant, seed, final model folder) of every finished run of ``variants`` in an ablation folder."""
-    found = []
-    for run in sorted((out / "runs").glob("*-seed*")):
-        match = re.fullmatch(r"(tgis|mean)-seed(\d+)", run.name)
-        if match and match[1] in variants and (run / "finetune" / "config.json").is_file():
-            found.append((match[1], int(match[2]), run / "finetune"))
-    return found
+    return [
+        (variant, seed, run / "finetune")
+        for variant, seed, run in run_folders(out)
+        if variant in variants and (run / "finetune" / "config.json").is_file()
+    ]
 
 
 def table(records: list[dict[str, Any]]) -> str:
