@@ -59,14 +59,18 @@ pack() {
 receive() {  # keep the chunks carried in this call where the next calls find them
   mkdir -p "$RECEIVED"
   cp "$PARTS"/*/chunk-* "$PARTS"/*/parts.sha256 "$PARTS"/*/chunks "$RECEIVED"/ 2>/dev/null || true
-  echo "received: $(ls "$RECEIVED" | grep -c '^chunk-') of $(cat "$RECEIVED/chunks" 2>/dev/null || echo '?') chunks"
+  echo "received: $(chunks_here) of $(cat "$RECEIVED/chunks" 2>/dev/null || echo '?') chunks"
+}
+
+chunks_here() {
+  find "$RECEIVED" -maxdepth 1 -name 'chunk-*' | wc -l
 }
 
 unpack() {
   receive
   local want have
-  want=$(cat "$RECEIVED/chunks")
-  have=$(ls "$RECEIVED" | grep -c '^chunk-')
+  want=$(cat "$RECEIVED/chunks" 2>/dev/null || echo '?')
+  have=$(chunks_here)
   if [ "$have" != "$want" ]; then
     echo "only $have of $want chunks here: carry the missing ones first (receive), then run" >&2
     exit 1
@@ -79,11 +83,12 @@ unpack() {
   tar -C "$RECEIVED" -xzf "$RECEIVED/parts.tar" && rm "$RECEIVED/parts.tar"
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
     "$RECEIVED"/wheels/*.whl
+  touch /tmp/site/.med2e3-parts  # a complete install: a rerun on this machine skips all of the above
 }
 
 run() {
   local seconds=${1:-540} out=${OUT:-runs/gpu-ablation-out} rc=0
-  [ -d /tmp/site ] || unpack
+  [ -f /tmp/site/.med2e3-parts ] || unpack
   export PYTHONPATH=/tmp/site:$PWD/src MED2E3_NLTK_DATA=$RECEIVED/nltk_data HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 \
     TQDM_DISABLE=1
   mkdir -p "$out"
