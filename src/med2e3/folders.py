@@ -108,8 +108,6 @@ def check_llm_folder(path: str | Path, expected: dict, role: str = "model.langua
     config with readable weights. A folder without its own tokenizer takes the preset's, so its LLM must be
     shaped like ``expected`` (a text config as a dict); the message names the file and the fields that differ."""
     path = named_folder(path)
-    if not path.is_dir():
-        raise ConfigError(f"{path}: {role} does not exist")
     gguf = gguf_file(path)
     if gguf is not None:
         check_gguf_file(gguf)

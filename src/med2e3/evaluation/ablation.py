@@ -243,10 +243,13 @@ def evaluate_run(run: Path, subsets: dict[str, list[Example]], settings: Ablatio
     summary = json.loads(done.read_text()) if done.is_file() else None
     if summary is not None and (summary.get("image_reliance") or not measurable):
         return summary
+    import torch
+
     from med2e3.evaluation.reliance import image_reliance
     from med2e3.inference import Med2E3Predictor
 
-    predictor = Med2E3Predictor.from_pretrained(run / "finetune")  # where training ran: CUDA if there is one
+    # where training ran (CUDA if there is one), in fp32 as on the CPU
+    predictor = Med2E3Predictor.from_pretrained(run / "finetune", dtype=torch.float32)
     predictions = run / "predictions.jsonl"
     if summary is None:  # else evaluated before image reliance was measured: only that is added
         examples = [e for part in subsets.values() for e in part]

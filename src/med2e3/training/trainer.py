@@ -64,7 +64,8 @@ def build_model(config: TrainConfig) -> tuple[Med2E3ForConditionalGeneration, Me
             overrides["question_encoder_config"] = BertConfig.from_pretrained(question_folder)
             question_tokenizer = load_tokenizer(question_folder)
         llm_folder = named_folder(section.language_model) if section.language_model else None
-        tokenizer = own_vocabulary(llm_folder, overrides) if llm_folder else None
+        tokenizer, llm_fields = own_vocabulary(llm_folder) if llm_folder else (None, {})
+        overrides.update(llm_fields)
         torch.manual_seed(config.seed)
         model = Med2E3ForConditionalGeneration(Med2E3Config.from_preset(section.preset, **overrides))
         processor = Med2E3Processor.for_config(
@@ -99,20 +100,23 @@ def reinit_question_encoder(model: Med2E3ForConditionalGeneration, seed: int, fo
     model.tgis.text_proj.reset_parameters()
 
 
-def own_vocabulary(folder: Path, overrides: dict[str, Any]) -> PreTrainedTokenizerBase | None:
-    """The tokenizer of an LLM folder, with the image token added, its config and the token's id put into
-    ``overrides`` (the vocabulary grows to a multiple of 64 rows when the token needs a new one); None when
-    the folder has no tokenizer: it then takes the preset's, whose shape preflight checked it has."""
+def own_vocabulary(folder: Path) -> tuple[PreTrainedTokenizerBase | None, dict[str, Any]]:
+    """The tokenizer of an LLM folder with the image token added, and the config fields it sets (its text
+    config, the token's id); the vocabulary grows to a multiple of 64 rows when the tokenizer needs more
+    rows than the LLM has. (None, {}) when the folder has no tokenizer: it then takes the preset's, whose
+    shape preflight checked it has."""
     text_config, tokenizer = read_llm_folder(folder)
     if tokenizer is None:
-        return None
-    if IMAGE_TOKEN not in tokenizer.get_vocab() and len(tokenizer) >= text_config.vocab_size:
-        text_config.vocab_size = -(-(len(tokenizer) + 1) // 64) * 64
-    overrides["image_token_id"] = add_image_token(tokenizer, text_config.vocab_size)
+        return None, {}
+    needed = len(tokenizer) + (IMAGE_TOKEN not in tokenizer.get_vocab())
+    if needed > text_config.vocab_size:
+        text_config.vocab_size = -(-needed // 64) * 64
+    image_token_id = add_image_token(tokenizer, text_config.vocab_size, where=folder)
     if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise ConfigError(f"{folder}: the tokenizer names neither a padding nor an end-of-sequence token")
         tokenizer.pad_token = tokenizer.eos_token
-    overrides["text_config"] = text_config
-    return tokenizer
+    return tokenizer, {"text_config": text_config, "image_token_id": image_token_id}
 
 
 def load_pretrained_part(part: PreTrainedModel, folder: Path) -> None:
