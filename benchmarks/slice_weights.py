@@ -27,7 +27,13 @@ from typing import Any
 import torch
 
 from med2e3.data.datasets import Example
-from med2e3.evaluation.ablation import run_folders
+from med2e3.evaluation.ablation import (
+    SETTINGS_RECORD,
+    AblationSettings,
+    benchmark_dir,
+    eval_examples,
+    run_folders,
+)
 from med2e3.evaluation.reliance import closed_accuracy
 from med2e3.model.tgis import aggregate_slices
 
@@ -126,7 +132,6 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--variants", nargs="+", choices=("tgis", "mean"), default=["tgis", "mean"])
     args = parser.parse_args(argv)
 
-    from med2e3.evaluation.ablation import SETTINGS_RECORD, AblationSettings, benchmark_dir, eval_examples
     from med2e3.inference import Med2E3Predictor
 
     torch.set_num_threads(1)
