@@ -25,6 +25,7 @@ from safetensors.torch import save_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from torch import nn
 from transformers import (
+    AutoModelForCausalLM,
     BertConfig,
     BertModel,
     Phi3Config,
@@ -51,6 +52,7 @@ from med2e3.release import (
     model_from_components,
     read_state_dict,
 )
+from package_helpers import TOKENS, write_gguf
 
 LLM_VOCAB = 320  # padded embedding, like Phi-3's 32064 rows for a 32011-token tokenizer
 LLM_TOKENIZER_VOCAB = 300
@@ -740,7 +742,7 @@ def test_components_without_2d_branch_and_bad_folders(components, tmp_path):
     state = read_state_dict(llm)
     del state["model.norm.weight"]
     save_file(state, llm / "model.safetensors")
-    with pytest.raises(ReleaseError, match=r"llm: the LLM weights do not match(.|\n)*model.norm.weight"):
+    with pytest.raises(ReleaseError, match=r"llm: the weights do not match(.|\n)*model.norm.weight"):
         model_from_components(llm, components["vision2d"], components["vision3d"])
     m3d = Path(shutil.copytree(components["vision3d"], tmp_path / "m3d"))
     state = read_state_dict(m3d)
@@ -750,6 +752,26 @@ def test_components_without_2d_branch_and_bad_folders(components, tmp_path):
         model_from_components(components["llm"], components["vision2d"], m3d)
     with pytest.raises(ReleaseError, match="no such folder"):
         model_from_components(tmp_path / "nowhere", components["vision2d"], components["vision3d"])
+
+
+def test_components_with_a_gguf_llm_grow_its_vocabulary_and_save(components, tmp_path):
+    """An LLM whose tokenizer fills its embedding (as SmolLM2's GGUF does) gets a row for the image token, and
+    the assembled model saves and reloads like any other (the dequantised GGUF model itself refuses to)."""
+    folder = tmp_path / "llm_gguf"
+    folder.mkdir()
+    write_gguf(folder / "tiny.Q.gguf")
+    model, processor = model_from_components(folder, components["vision2d"], components["vision3d"])
+    assert model.config.text_config.vocab_size == 320  # 258 tokens + the image token, a multiple of 64
+    assert model.config.image_token_id == processor.image_token_id == len(TOKENS)
+    reference = AutoModelForCausalLM.from_pretrained(folder, gguf_file="tiny.Q.gguf").state_dict()
+    ours = model.language_model.state_dict()
+    for name, value in reference.items():  # the embedding (and the head tied to it) has one row more
+        assert torch.equal(ours[name][: len(value)], value), name
+    model.save_pretrained(tmp_path / "saved")
+    reloaded = Med2E3ForConditionalGeneration.from_pretrained(tmp_path / "saved").eval()
+    inputs = processor(QUESTIONS, volumes=volumes(2))
+    with torch.no_grad():
+        assert torch.equal(model(**inputs).logits, reloaded(**inputs).logits)
 
 
 def test_release_config_falls_back_to_the_top_level_copy(release_copy):

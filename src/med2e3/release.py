@@ -34,7 +34,6 @@ from safetensors.torch import load_file
 from tokenizers import AddedToken
 from transformers import (
     AutoConfig,
-    AutoModelForCausalLM,
     AutoTokenizer,
     BertConfig,
     PreTrainedConfig,
@@ -435,6 +434,20 @@ def _load_tokenizer(
         raise ReleaseError(folder, f"cannot load the tokenizer ({type(err).__name__}: {err})") from err
 
 
+def fit_llm_tokenizer(tokenizer: PreTrainedTokenizerBase, text_config: PreTrainedConfig, where: Path) -> None:
+    """Make an LLM's tokenizer and config fit each other: ``text_config`` gets a row for every token and for
+    the image token (its ``vocab_size`` grows to the next multiple of 64 when it has too few), and the
+    end-of-sequence token pads when the tokenizer names no padding token; ReleaseError naming ``where`` (the
+    LLM's folder) when it names neither."""
+    needed = len(tokenizer) + (IMAGE_TOKEN not in tokenizer.get_vocab())
+    if needed > text_config.vocab_size:
+        text_config.vocab_size = -(-needed // 64) * 64
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise ReleaseError(where, "the tokenizer names neither a padding nor an end-of-sequence token")
+        tokenizer.pad_token = tokenizer.eos_token
+
+
 def add_image_token(
     tokenizer: PreTrainedTokenizerBase, vocab_size: int, token: str = IMAGE_TOKEN, where: Path | None = None
 ) -> int:
@@ -663,6 +676,8 @@ def _read_components(
     text_config = _llm_config(llm)
     m3d_tensors = read_state_dict(vision3d)
     llm_tokenizer = _load_tokenizer(tokenizer, [llm])
+    if llm_tokenizer is not None:
+        fit_llm_tokenizer(llm_tokenizer, text_config, llm)
     fields: dict[str, Any] = {
         "text_config": text_config,
         "vision3d_config": _vit3d_config(vision3d),
@@ -709,9 +724,13 @@ def read_llm_folder(folder: Path) -> tuple[PreTrainedConfig, PreTrainedTokenizer
     return _llm_config(folder), _load_tokenizer(None, [folder])
 
 
-def _pretrained_llm(folder: Path, dtype: torch.dtype) -> PreTrainedModel:
-    model, info = AutoModelForCausalLM.from_pretrained(
-        folder, local_files_only=True, dtype=dtype, output_loading_info=True, **gguf_kwargs(folder)
+def load_pretrained_weights(part: PreTrainedModel, folder: Path) -> None:
+    """Copy into ``part`` the weights of the same architecture in ``folder`` (a ``save_pretrained`` folder or
+    one GGUF file, dequantised); a pretrained embedding with fewer rows than ``part``'s grows (`fit_llm_tokenizer`),
+    its new rows drawn close to the mean of the others. ReleaseError naming the folder when its weights do not
+    match its config."""
+    pretrained, info = type(part).from_pretrained(
+        folder, dtype=part.dtype, local_files_only=True, output_loading_info=True, **gguf_kwargs(folder)
     )
     problems = [
         f"{key} ({len(info[key])}): {_listing(sorted(map(str, info[key])))}"
@@ -719,8 +738,11 @@ def _pretrained_llm(folder: Path, dtype: torch.dtype) -> PreTrainedModel:
         if info.get(key)
     ]
     if problems:
-        raise ReleaseError(folder, "the LLM weights do not match its config:\n  " + "\n  ".join(problems))
-    return model
+        raise ReleaseError(folder, "the weights do not match its config:\n  " + "\n  ".join(problems))
+    rows = part.get_input_embeddings().num_embeddings
+    if pretrained.get_input_embeddings().num_embeddings != rows:
+        pretrained.resize_token_embeddings(rows)
+    part.load_state_dict(pretrained.state_dict())
 
 
 def _load_encoders(
@@ -779,7 +801,7 @@ def model_from_components(
     """
     parts = _read_components(llm, vision2d, vision3d, tokenizer, question_tokenizer, dict(overrides))
     model = _empty_model(parts.config, _dtype(dtype))
-    model.language_model = _pretrained_llm(Path(llm), _dtype(dtype))
+    load_pretrained_weights(model.language_model, Path(llm))
     _load_encoders(model, parts, None if vision2d is None else Path(vision2d), Path(vision3d))
     _init_connectors(model)
     processor = _processor(

@@ -15,18 +15,24 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import BertConfig, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import BertConfig
 from transformers.trainer_callback import TrainerCallback
 
 from med2e3.config import Med2E3Config
 from med2e3.data.datasets import Example
-from med2e3.data.processor import IGNORE_INDEX, IMAGE_TOKEN, Med2E3Processor, load_tokenizer
+from med2e3.data.processor import IGNORE_INDEX, Med2E3Processor, load_tokenizer
 from med2e3.errors import ConfigError, DatasetError
 from med2e3.files import write_atomic
-from med2e3.folders import check_model_folder, gguf_kwargs, named_folder
+from med2e3.folders import check_model_folder, named_folder
 from med2e3.model import Med2E3ForConditionalGeneration
-from med2e3.release import add_image_token, read_llm_folder
-from med2e3.training.config import TrainConfig, config_to_dict
+from med2e3.release import (
+    ReleaseError,
+    add_image_token,
+    fit_llm_tokenizer,
+    load_pretrained_weights,
+    read_llm_folder,
+)
+from med2e3.training.config import ModelSection, TrainConfig, config_to_dict
 from med2e3.training.data import Collator, VolumeCache, VolumeTextDataset, load_examples
 from med2e3.training.runs import (
     COMPLETE_MARKER,
@@ -44,7 +50,8 @@ __all__ = ["COMPLETE_MARKER", "LOSS_LOG", "TRAINING_INFO", "build_model", "last_
 
 # ---- model ----------------------------------------------------------------------------------------
 def build_model(config: TrainConfig) -> tuple[Med2E3ForConditionalGeneration, Med2E3Processor]:
-    """A preset model (random init) or a med2e3 model folder, with its processor."""
+    """A preset model (random init, or with the pretrained parts the config names) or a med2e3 model
+    folder, with its processor."""
     section = config.model
     if section.init_from:
         folder = check_model_folder(section.init_from, role="model.init_from")
@@ -52,39 +59,54 @@ def build_model(config: TrainConfig) -> tuple[Med2E3ForConditionalGeneration, Me
         processor = Med2E3Processor.from_pretrained(folder)
         if section.reinit_question_encoder:
             reinit_question_encoder(model, config.seed, folder)
+        if section.slice_aggregation not in (None, model.config.slice_aggregation):
+            raise ConfigError(
+                f"model.slice_aggregation={section.slice_aggregation!r} but {section.init_from} was trained "
+                f"with {model.config.slice_aggregation!r}"
+            )
+    elif not section.preset:
+        raise ConfigError("model: set preset or init_from")
     else:
-        if not section.preset:
-            raise ConfigError("model: set preset or init_from")
-        overrides = dict(section.overrides)
-        if section.slice_aggregation:
-            overrides["slice_aggregation"] = section.slice_aggregation
-        question_folder = named_folder(section.question_encoder) if section.question_encoder else None
-        question_tokenizer = None
-        if question_folder:
-            overrides["question_encoder_config"] = BertConfig.from_pretrained(question_folder)
-            question_tokenizer = load_tokenizer(question_folder)
-        llm_folder = named_folder(section.language_model) if section.language_model else None
-        tokenizer, llm_fields = own_vocabulary(llm_folder) if llm_folder else (None, {})
-        overrides.update(llm_fields)
-        torch.manual_seed(config.seed)
-        model = Med2E3ForConditionalGeneration(Med2E3Config.from_preset(section.preset, **overrides))
-        processor = Med2E3Processor.for_config(
-            model.config, question_tokenizer=question_tokenizer, tokenizer=tokenizer
-        )
-        if llm_folder:
-            load_pretrained_part(model.language_model, llm_folder)
-        if question_folder and hasattr(model, "question_encoder"):  # mean / none: no question encoder
-            load_pretrained_part(model.question_encoder, question_folder)
-    if section.init_from and section.slice_aggregation not in (None, model.config.slice_aggregation):
-        raise ConfigError(
-            f"model.slice_aggregation={section.slice_aggregation!r} but {section.init_from} was trained with "
-            f"{model.config.slice_aggregation!r}"
-        )
+        try:
+            model, processor = preset_model(section, config.seed)
+        except ReleaseError as err:  # a part's folder named by the config
+            raise ConfigError(str(err)) from err
     processor.max_length = config.max_length
     processor.check_config(model.config)
     processor.window = config.data.window  # checked with the config; the preprocessing travels with the model
     orientations = Counter(source.orientation for source in config.data.train)
     processor.orientation = orientations.most_common(1)[0][0]
+    return model, processor
+
+
+def preset_model(section: ModelSection, seed: int) -> tuple[Med2E3ForConditionalGeneration, Med2E3Processor]:
+    """The section's preset, randomly initialised (``seed``) but for the pretrained LLM and question encoder
+    it names; an LLM with its own tokenizer brings its config and vocabulary (`fit_llm_tokenizer`)."""
+    overrides = dict(section.overrides)
+    if section.slice_aggregation:
+        overrides["slice_aggregation"] = section.slice_aggregation
+    question_folder = named_folder(section.question_encoder) if section.question_encoder else None
+    question_tokenizer = None
+    if question_folder:
+        overrides["question_encoder_config"] = BertConfig.from_pretrained(question_folder)
+        question_tokenizer = load_tokenizer(question_folder)
+    llm_folder = named_folder(section.language_model) if section.language_model else None
+    tokenizer = None
+    if llm_folder:
+        text_config, tokenizer = read_llm_folder(llm_folder)
+        if tokenizer is not None:  # else the preset's tokenizer, whose shape preflight checked the LLM has
+            fit_llm_tokenizer(tokenizer, text_config, llm_folder)
+            overrides["text_config"] = text_config
+            overrides["image_token_id"] = add_image_token(tokenizer, text_config.vocab_size, where=llm_folder)
+    torch.manual_seed(seed)
+    model = Med2E3ForConditionalGeneration(Med2E3Config.from_preset(section.preset, **overrides))
+    processor = Med2E3Processor.for_config(
+        model.config, question_tokenizer=question_tokenizer, tokenizer=tokenizer
+    )
+    if llm_folder:
+        load_pretrained_weights(model.language_model, llm_folder)
+    if question_folder and hasattr(model, "question_encoder"):  # mean / none: no question encoder
+        load_pretrained_weights(model.question_encoder, question_folder)
     return model, processor
 
 
@@ -98,40 +120,6 @@ def reinit_question_encoder(model: Med2E3ForConditionalGeneration, seed: int, fo
     encoder = model.question_encoder
     encoder.load_state_dict(type(encoder)(encoder.config).state_dict())
     model.tgis.text_proj.reset_parameters()
-
-
-def own_vocabulary(folder: Path) -> tuple[PreTrainedTokenizerBase | None, dict[str, Any]]:
-    """The tokenizer of an LLM folder with the image token added, and the config fields it sets (its text
-    config, the token's id); the vocabulary grows to a multiple of 64 rows when the tokenizer needs more
-    rows than the LLM has. (None, {}) when the folder has no tokenizer: it then takes the preset's, whose
-    shape preflight checked it has."""
-    text_config, tokenizer = read_llm_folder(folder)
-    if tokenizer is None:
-        return None, {}
-    needed = len(tokenizer) + (IMAGE_TOKEN not in tokenizer.get_vocab())
-    if needed > text_config.vocab_size:
-        text_config.vocab_size = -(-needed // 64) * 64
-    image_token_id = add_image_token(tokenizer, text_config.vocab_size, where=folder)
-    if tokenizer.pad_token is None:
-        if tokenizer.eos_token is None:
-            raise ConfigError(f"{folder}: the tokenizer names neither a padding nor an end-of-sequence token")
-        tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer, {"text_config": text_config, "image_token_id": image_token_id}
-
-
-def load_pretrained_part(part: PreTrainedModel, folder: Path) -> None:
-    """Replace the random weights of a preset's part (its LLM, its question encoder) by those of a folder of
-    the same architecture (`own_vocabulary` may have grown the LLM's), checked in preflight; ConfigError naming
-    the folder when they lack any of them."""
-    pretrained, info = type(part).from_pretrained(
-        folder, dtype=part.dtype, output_loading_info=True, local_files_only=True, **gguf_kwargs(folder)
-    )
-    if info["missing_keys"]:
-        raise ConfigError(f"{folder}: the weights lack {', '.join(sorted(info['missing_keys']))}")
-    rows = part.get_input_embeddings().num_embeddings
-    if pretrained.get_input_embeddings().num_embeddings != rows:
-        pretrained.resize_token_embeddings(rows)  # new rows: the mean of the others
-    part.load_state_dict(pretrained.state_dict())
 
 
 def answer_mean_loss(outputs: Any, labels: torch.Tensor) -> torch.Tensor:
