@@ -108,10 +108,11 @@ run() {
     TQDM_DISABLE=1
   mkdir -p "$out"
   nvidia-smi --query-gpu=name,memory.total --format=csv,noheader >"$out/gpu_ablation.log" 2>&1 || true
-  left=$((seconds - SECONDS - 20))  # SECONDS: since the script began; 20 s for the records below
+  left=$((seconds - SECONDS - 65))  # SECONDS: since the script began; 45 s of grace, 20 s for the records
   # three runs at once on the one GPU (each small), four CPU threads each; bf16 autocast in training.
-  # TERM ends every process of the study at once (an interrupt would let the workers start the next run)
-  timeout -s TERM -k 10 "$left" "${STUDY[@]}" "$WORK" --jobs 3 --threads 4 --override precision=bf16 \
+  # TERM ends every process of the study at once (an interrupt would let the workers start the next run); a
+  # run that is training saves a checkpoint first, which the next `run` resumes from (KILL after 45 s)
+  timeout -s TERM -k 45 "$left" "${STUDY[@]}" "$WORK" --jobs 3 --threads 4 --override precision=bf16 \
     >>"$out/gpu_ablation.log" 2>&1 || rc=$?
   (cd "$WORK" && tar -czf "$out/gpu_ablation_records.tar.gz" --ignore-failed-read results.md \
     ablation_settings.json runs/*/eval.json runs/*/*/training_info.json runs/*/*/loss_log.csv) || true

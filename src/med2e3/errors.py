@@ -6,6 +6,7 @@ the CLI can print one line and exit non-zero.
 
 from __future__ import annotations
 
+import signal
 from pathlib import Path
 
 
@@ -54,3 +55,13 @@ class OutputError(Med2E3Error, ValueError):
         self.path = Path(path)
         self.reason = reason
         super().__init__(f"{path}: {reason}")
+
+
+class TrainingInterrupted(Med2E3Error):
+    """A training run stopped on a signal after saving a checkpoint; the same run resumes from it."""
+
+    def __init__(self, signum: int, checkpoint: Path):
+        self.signum = signum
+        self.checkpoint = Path(checkpoint)
+        name = signal.Signals(signum).name
+        super().__init__(f"{name}: stopped after saving {checkpoint}; the same command resumes from it")

@@ -1,4 +1,4 @@
-"""Training: both stages learn, frozen parts stay frozen, resume after SIGKILL, torchrun, bad configs."""
+"""Training: both stages learn, frozen parts stay frozen, resume after SIGKILL or a saved stop on SIGTERM,\ntorchrun, bad configs."""
 
 from __future__ import annotations
 
@@ -17,10 +17,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from med2e3.errors import ConfigError, DatasetError
+from med2e3.errors import ConfigError, DatasetError, TrainingInterrupted
 from med2e3.model import Med2E3ForConditionalGeneration
 from med2e3.training import load_config, train
-from med2e3.training.trainer import COMPLETE_MARKER, last_complete_checkpoint
+from med2e3.training.config import config_from_dict
+from med2e3.training.trainer import COMPLETE_MARKER, CsvLossLog, last_complete_checkpoint
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -137,6 +138,36 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(tmp_path, tiny_datase
     assert info["resumed_from"] in {"checkpoint-6", "checkpoint-9"}
     a = load_file(tmp_path / "full" / "model.safetensors")
     b = load_file(tmp_path / "killed" / "model.safetensors")
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_a_signal_saves_a_checkpoint_and_the_run_resumes_from_it(tmp_path, tiny_dataset, monkeypatch):
+    """SIGTERM during step 5 (sent from its log record): step 6 finishes, checkpoint-6 is saved, the run
+    stops without a final model, the handlers are restored, and the same config resumes to the weights of an
+    uninterrupted run."""
+    fields = base_fields(tmp_path, tiny_dataset, "full", max_steps=9, save_steps=1000, lr=3e-3)
+    full = train(config_from_dict(fields))
+    config = config_from_dict({**fields, "output_dir": str(tmp_path / "stopped")})
+    log = CsvLossLog.on_log
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        log(self, args, state, control, logs=logs, **kwargs)
+        if state.global_step == 5:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(CsvLossLog, "on_log", on_log)
+    handlers = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    with pytest.raises(TrainingInterrupted, match=r"SIGTERM: stopped after saving .*stopped/checkpoint-6;"):
+        train(config)
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == handlers
+    stopped = tmp_path / "stopped"
+    assert (stopped / "checkpoint-6" / COMPLETE_MARKER).is_file()
+    assert not (stopped / "training_info.json").exists() and not (stopped / "model.safetensors").exists()
+    monkeypatch.undo()
+    assert train(config) == stopped
+    assert json.loads((stopped / "training_info.json").read_text())["resumed_from"] == "checkpoint-6"
+    a, b = load_file(full / "model.safetensors"), load_file(stopped / "model.safetensors")
     for name in a:
         torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-6, msg=name)
 

@@ -537,8 +537,12 @@ def run_ablation(
                 pool.submit(_run_one, out, data, variant, seed, settings, subsets): (variant, seed)
                 for variant, seed in pairs
             }
-            for future in as_completed(futures):
-                finished(*futures[future], *future.result())
+            try:
+                for future in as_completed(futures):
+                    finished(*futures[future], *future.result())
+            except BaseException:  # e.g. Ctrl+C: the runs in progress save a checkpoint; none other starts
+                pool.shutdown(wait=False, cancel_futures=True)
+                raise
     write_results(results_path, results_table(summaries), settings, time.monotonic() - start, True, machine)
     _log(f"ablation finished in {(time.monotonic() - start) / 60:.1f} min; table in {results_path}")
     return results_path

@@ -9,8 +9,13 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import os
+import signal
+import threading
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +26,7 @@ from transformers.trainer_callback import TrainerCallback
 from med2e3.config import Med2E3Config
 from med2e3.data.datasets import Example
 from med2e3.data.processor import IGNORE_INDEX, Med2E3Processor, load_tokenizer
-from med2e3.errors import ConfigError, DatasetError
+from med2e3.errors import ConfigError, DatasetError, TrainingInterrupted
 from med2e3.files import write_atomic
 from med2e3.folders import check_model_folder, named_folder
 from med2e3.model import Med2E3ForConditionalGeneration
@@ -44,6 +49,8 @@ from med2e3.training.runs import (
     record_settings,
     rotate_checkpoints,
 )
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["COMPLETE_MARKER", "LOSS_LOG", "TRAINING_INFO", "build_model", "last_complete_checkpoint", "train"]
 
@@ -235,6 +242,47 @@ class CheckpointCallback(TrainerCallback):
                 rotate_checkpoints(Path(args.output_dir), self.keep)
 
 
+class SaveOnSignal(TrainerCallback):
+    """SIGINT or SIGTERM while `installed`: finish the step in progress, save a checkpoint and stop (every rank
+    at the same step). A second signal acts as it would without this (KeyboardInterrupt, termination)."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self.stopped = False
+        self._previous: dict[int, Any] = {}
+
+    @contextmanager
+    def installed(self) -> Iterator[None]:
+        """Handle the signals for the duration (only the main thread can; elsewhere nothing changes)."""
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
+        try:
+            yield
+        finally:
+            self._restore()
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.received = signum
+        self._restore()
+        logger.warning(
+            "%s: saving a checkpoint after this step (again to stop at once)", signal.Signals(signum).name
+        )
+
+    def _restore(self) -> None:
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)
+        self._previous = {}
+
+    def on_step_end(self, args, state, control, **kwargs):
+        stop = torch.tensor(float(self.received is not None), device=args.device)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(stop, op=torch.distributed.ReduceOp.MAX)
+        if stop.item():
+            control.should_save = control.should_training_stop = self.stopped = True
+
+
 class EpochCallback(TrainerCallback):
     """Tells the dataset the epoch, so augmentation is a function of (seed, epoch, index) and resumable."""
 
@@ -368,7 +416,13 @@ def train(config: TrainConfig, overwrite: bool = False) -> Path:
     )
     resume = _start_run(config, overwrite) if trainer.is_world_process_zero() else None
     resume = _broadcast_path(resume)
-    result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    stopper = SaveOnSignal()
+    trainer.add_callback(stopper)
+    with stopper.installed():
+        result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    if stopper.stopped and trainer.state.global_step < trainer.state.max_steps:  # a checkpoint was saved
+        checkpoint = output_dir / f"checkpoint-{trainer.state.global_step}"
+        raise TrainingInterrupted(stopper.received or signal.SIGTERM, checkpoint)
     if trainer.is_world_process_zero():
         final = trainer.model
         if config.lora.enabled:
