@@ -276,10 +276,12 @@ class SaveOnSignal(TrainerCallback):
         self._previous = {}
 
     def on_step_end(self, args, state, control, **kwargs):
-        stop = torch.tensor(float(self.received is not None), device=args.device)
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.all_reduce(stop, op=torch.distributed.ReduceOp.MAX)
-        if stop.item():
+        stop = self.received is not None
+        if torch.distributed.is_available() and torch.distributed.is_initialized():  # any rank's signal
+            flag = torch.tensor(float(stop), device=args.device)
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+            stop = bool(flag.item())
+        if stop:
             control.should_save = control.should_training_stop = self.stopped = True
 
 
