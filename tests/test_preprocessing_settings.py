@@ -9,13 +9,14 @@ from pathlib import Path
 import pytest
 import torch
 
+from med2e3 import inference
 from med2e3.cli import build_parser
 from med2e3.data.io import load_volume
 from med2e3.data.processor import PROCESSOR_CONFIG, Med2E3Processor
 from med2e3.data.transforms import prepare_volume
 from med2e3.errors import ConfigError
 from med2e3.evaluation import runner
-from med2e3.inference import Med2E3Predictor
+from med2e3.inference import BatchResult, Med2E3Predictor
 from med2e3.server.cli import load_predictor
 from med2e3.training import train
 from med2e3.training.config import config_from_dict
@@ -100,6 +101,34 @@ def test_eval_reads_the_dataset_as_the_model_was_trained(trained, tmp_path, monk
     )
     assert args.handler(args) == 0
     assert seen == ["acquisition"]
+
+
+def test_batch_rows_may_name_their_orientation(trained, tmp_path, monkeypatch):
+    """A row's ``orientation`` reads its volume file so (one encoding per volume and orientation); others
+    take the model's; an unknown one fails that row alone, with its name."""
+    folder, bench = trained
+    predictor = Med2E3Predictor.from_pretrained(folder, device="cpu")
+    path = str(_sagittal_volume(bench))
+    seen: list[str] = []
+    real = inference.load_volume
+
+    def spy(volume, orientation, *args):
+        seen.append(orientation)
+        return real(volume, orientation, *args)
+
+    monkeypatch.setattr(inference, "load_volume", spy)
+    rows = [
+        {"id": "a", "volume": path, "question": "Which plane?"},
+        {"id": "b", "volume": path, "question": "Which plane?", "orientation": "axial"},
+        {"id": "c", "volume": path, "question": "Which organ?", "orientation": "axial"},
+        {"id": "d", "volume": path, "question": "Which plane?", "orientation": "sideways"},
+    ]
+    out = tmp_path / "answers.jsonl"
+    assert predictor.run_batch(rows, out, max_new_tokens=2, progress=False) == BatchResult(3, 1, 0)
+    assert seen == ["acquisition", "axial"] and predictor.orientation == "acquisition"
+    lines = {r["id"]: r for r in map(json.loads, out.read_text().splitlines())}
+    assert "unknown orientation 'sideways'" in lines["d"]["error"]
+    assert lines["a"]["slice_scores"] != lines["b"]["slice_scores"]  # two readings of one file
 
 
 def test_a_flag_overrides_with_a_notice(trained, caplog):

@@ -563,8 +563,9 @@ class Med2E3Predictor:
     ) -> BatchResult:
         """Answer (volume, question) rows into a JSONL, one line per row, resuming an interrupted run.
 
-        Rows need ``id``, ``volume`` and ``question`` (optional ``prompt``; `read_batch_input` gives such
-        rows); rows are grouped by volume so each volume is encoded once, its questions are answered
+        Rows need ``id``, ``volume`` and ``question`` (optional: ``prompt``, and ``orientation`` to read that
+        row's volume file in, default the predictor's; `read_batch_input` gives such rows); rows are grouped
+        by volume so each volume is encoded once, its questions are answered
         ``chunk_size`` at a time in one batched generation, and the next volume is read and preprocessed
         while the current one is answered. A row whose volume or question is unusable gets a line with its
         ``error`` instead of an answer, and the run goes on. Answered lines already in ``out_path`` are kept
@@ -605,17 +606,17 @@ class Med2E3Predictor:
         self, out_path: Path, rows: list[dict[str, str]], max_new_tokens: int, chunk_size: int
     ) -> Iterator[list[dict[str, Any]]]:
         """Answer ``rows`` volume by volume, appending each chunk's lines to ``out_path``; yield each chunk."""
-        by_volume: dict[str, list[dict[str, str]]] = {}
+        by_volume: dict[tuple[str, str | None], list[dict[str, str]]] = {}
         for row in rows:
-            by_volume.setdefault(row["volume"], []).append(row)
+            by_volume.setdefault((row["volume"], row.get("orientation")), []).append(row)
         volumes = list(by_volume)
         out_path.parent.mkdir(parents=True, exist_ok=True)
         with out_path.open("a", encoding="utf-8") as out, ThreadPoolExecutor(max_workers=1) as reader:
-            ahead = reader.submit(self._prepare, volumes[0]) if volumes else None
-            for i, volume in enumerate(volumes):
+            ahead = reader.submit(self._prepare, *volumes[0]) if volumes else None
+            for i, (volume, orientation) in enumerate(volumes):
                 pending = ahead
-                ahead = reader.submit(self._prepare, volumes[i + 1]) if i + 1 < len(volumes) else None
-                group = by_volume[volume]
+                ahead = reader.submit(self._prepare, *volumes[i + 1]) if i + 1 < len(volumes) else None
+                group = by_volume[volume, orientation]
                 try:
                     self._encode(*pending.result())
                 except Med2E3Error as err:
@@ -802,7 +803,8 @@ def _read_rows(path: Path) -> list[Any]:
 
 
 def read_batch_input(path: str | Path) -> list[dict[str, str]]:
-    """Rows of a CSV (columns volume, question[, id, prompt]) or JSONL (same keys); volumes relative to the file.
+    """Rows of a CSV (columns volume, question[, id, prompt, orientation]) or JSONL (same keys); volumes relative
+    to the file.
 
     A row without an id gets `content_id` of its volume and question, so that resuming does not depend
     on the order of the rows.
@@ -812,7 +814,7 @@ def read_batch_input(path: str | Path) -> list[dict[str, str]]:
         raise DatasetError(path, "no such file")
     raw_rows = _read_rows(path)
     if not raw_rows:
-        raise DatasetError(path, "no rows (expected columns volume, question[, id, prompt])")
+        raise DatasetError(path, "no rows (expected columns volume, question[, id, prompt, orientation])")
     rows: list[dict[str, str]] = []
     first_row: dict[str, int] = {}
     for n, raw in enumerate(raw_rows, start=1):

@@ -57,20 +57,17 @@ def predict_examples(
     examples = list(examples)
     _check_unique_ids(examples, "examples")
     budgets = _token_budgets(max_new_tokens)
-    groups: dict[tuple[str, int], list[dict[str, str]]] = defaultdict(list)
+    groups: dict[int, list[dict[str, str]]] = defaultdict(list)
     for ex in examples:
-        row = {"id": ex.id, "volume": str(ex.volume), "question": ex.question, "prompt": ex.prompt}
-        groups[(ex.orientation, budgets[ex.task])].append(row)
-    saved = predictor.orientation
+        groups[budgets[ex.task]].append(
+            {"id": ex.id, "volume": str(ex.volume), "question": ex.question, "prompt": ex.prompt}
+            | {"orientation": ex.orientation}
+        )
     answered = failed = 0
-    try:
-        for (orientation, tokens), rows in sorted(groups.items()):
-            predictor.orientation = orientation
-            result = predictor.run_batch(rows, out_jsonl, max_new_tokens=tokens, progress=progress)
-            answered += result.answered
-            failed += result.failed
-    finally:
-        predictor.orientation = saved
+    for tokens, rows in sorted(groups.items()):
+        result = predictor.run_batch(rows, out_jsonl, max_new_tokens=tokens, progress=progress)
+        answered += result.answered
+        failed += result.failed
     if failed:
         raise DatasetError(
             out_jsonl, f"{failed} examples failed; their errors are in the file (a rerun retries them)"
