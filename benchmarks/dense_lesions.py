@@ -22,13 +22,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 from collections import Counter
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from safetensors.torch import save_file
 from torch import nn
 from tqdm import tqdm
 from transformers import SiglipVisionConfig, SiglipVisionModel
@@ -160,6 +163,13 @@ def score(model: DenseModel, data: Targets, thresholds: tuple[float, ...], batch
     }
 
 
+def save_atomic(state: dict[str, torch.Tensor], path: Path) -> None:
+    """``state`` as a safetensors file at ``path``, replaced only once written."""
+    partial = path.with_name(path.name + ".partial")
+    save_file({k: v.contiguous() for k, v in state.items()}, partial)
+    os.replace(partial, path)
+
+
 def train(model: DenseModel, train_set: Targets, test_set: Targets, args: argparse.Namespace) -> None:
     """Train epoch by epoch, printing one JSON line of scores after each."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr)
@@ -179,6 +189,8 @@ def train(model: DenseModel, train_set: Targets, test_set: Targets, args: argpar
         record["test"] = score(model, test_set, tuple(args.thresholds))
         record["train_200"] = score(model, seen, tuple(args.thresholds))
         print(json.dumps(record), flush=True)
+        if args.save:
+            save_atomic(model.encoder.state_dict(), args.save)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -198,12 +210,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lesion-weight", type=float, default=150.0)
     parser.add_argument("--thresholds", type=float, nargs="+", default=[0.5, 0.9, 0.99])
     parser.add_argument("--seed", type=int, default=0, help="torch seed")
+    parser.add_argument("--save", type=Path, help="write the 2D encoder's weights here after every epoch")
     args = parser.parse_args(argv)
     torch.manual_seed(args.seed)
     model = make_model(args.init, args.size, args.patch, args.width, args.layers)
     train_set = build(args.train_seed, args.train_volumes, args.size, args.patch)
     test_set = build(args.test_seed, args.test_volumes, args.size, args.patch)
-    print(json.dumps({"settings": vars(args)}), flush=True)
+    print(json.dumps({"settings": vars(args)}, default=str), flush=True)
     train(model, train_set, test_set, args)
     return 0
 

@@ -22,6 +22,9 @@ class VolumeError(Med2E3Error, ValueError):
         self.reason = reason
         super().__init__(f"{path}: {reason}" if path is not None else reason)
 
+    def __reduce__(self):  # picklable (e.g. from a worker process): the arguments, not the message
+        return type(self), (self.path, self.reason)
+
 
 class VolumeSizeError(VolumeError):
     """A volume is larger than the configured limit (its header says so before anything is read)."""
@@ -38,6 +41,9 @@ class DatasetError(Med2E3Error, ValueError):
         if row is not None:
             where += f" (row {row})"
         super().__init__(f"{where}: {reason}")
+
+    def __reduce__(self):
+        return type(self), (self.path, self.reason, self.row)
 
 
 class InputError(Med2E3Error, ValueError):
@@ -56,12 +62,28 @@ class OutputError(Med2E3Error, ValueError):
         self.reason = reason
         super().__init__(f"{path}: {reason}")
 
+    def __reduce__(self):
+        return type(self), (self.path, self.reason)
 
-class TrainingInterrupted(Med2E3Error):
+
+class Interrupted(Med2E3Error):
+    """Long work stopped on a signal (`med2e3.stopping`); what it finished is kept."""
+
+    def __init__(self, signum: int, what: str):
+        self.signum = signum
+        self.what = what
+        super().__init__(f"{signal.Signals(signum).name}: {what}")
+
+    def __reduce__(self):
+        return type(self), (self.signum, self.what)
+
+
+class TrainingInterrupted(Interrupted):
     """A training run stopped on a signal after saving a checkpoint; the same run resumes from it."""
 
-    def __init__(self, signum: int, checkpoint: Path):
-        self.signum = signum
+    def __init__(self, signum: int, checkpoint: str | Path):
         self.checkpoint = Path(checkpoint)
-        name = signal.Signals(signum).name
-        super().__init__(f"{name}: stopped after saving {checkpoint}; the same command resumes from it")
+        super().__init__(signum, f"stopped after saving {checkpoint}; the same command resumes from it")
+
+    def __reduce__(self):
+        return type(self), (self.signum, self.checkpoint)

@@ -142,6 +142,9 @@ class ReleaseError(Med2E3Error, ValueError):
         self.reason = reason
         super().__init__(f"{path}: {reason}" if path is not None else reason)
 
+    def __reduce__(self):
+        return type(self), (self.path, self.reason)
+
 
 # ---- reading files --------------------------------------------------------------------------------------
 def _read_json(path: Path) -> dict[str, Any]:
@@ -712,8 +715,9 @@ def config_from_components(
 ) -> Med2E3Config:
     """Med2E3Config for a causal LLM, a SigLIP and an M3D-CLIP folder; ``overrides`` set top-level fields.
 
-    The image token id comes from the LLM tokenizer (``<image3d>`` added) when there is one, else from
-    ``image_token_id=`` (default 32011).
+    The image token id comes from the LLM tokenizer (``<image3d>`` added; the LLM's vocabulary grows when
+    the tokenizer has no free row, `fit_llm_tokenizer`) when there is one, else from ``image_token_id=``
+    (default 32011).
     """
     return _read_components(llm, vision2d, vision3d, tokenizer, None, dict(overrides)).config
 
@@ -727,18 +731,22 @@ def read_llm_folder(folder: Path) -> tuple[PreTrainedConfig, PreTrainedTokenizer
 def load_pretrained_weights(part: PreTrainedModel, folder: Path) -> None:
     """Copy into ``part`` the weights of the same architecture in ``folder`` (a ``save_pretrained`` folder or
     one GGUF file, dequantised); a pretrained embedding with fewer rows than ``part``'s grows (`fit_llm_tokenizer`),
-    its new rows drawn close to the mean of the others. ReleaseError naming the folder when its weights do not
-    match its config."""
+    its new rows drawn close to the mean of the others. ReleaseError naming the folder when weights are
+    missing or of another shape; weights ``part`` has no place for (e.g. a BERT checkpoint's pretraining
+    heads) are skipped with a warning naming them."""
     pretrained, info = type(part).from_pretrained(
         folder, dtype=part.dtype, local_files_only=True, output_loading_info=True, **gguf_kwargs(folder)
     )
     problems = [
         f"{key} ({len(info[key])}): {_listing(sorted(map(str, info[key])))}"
-        for key in ("missing_keys", "unexpected_keys", "mismatched_keys")
+        for key in ("missing_keys", "mismatched_keys")
         if info.get(key)
     ]
     if problems:
         raise ReleaseError(folder, "the weights do not match its config:\n  " + "\n  ".join(problems))
+    if info.get("unexpected_keys"):
+        unused = sorted(map(str, info["unexpected_keys"]))
+        logger.warning("%s: %d weights not used: %s", folder, len(unused), _listing(unused))
     rows = part.get_input_embeddings().num_embeddings
     if pretrained.get_input_embeddings().num_embeddings != rows:
         pretrained.resize_token_embeddings(rows)
@@ -792,7 +800,9 @@ def model_from_components(
     """Med-2E3 on real backbones, connectors and TG-IS projection freshly initialised (stage-1 start).
 
     Args:
-        llm: a causal-LM folder (``save_pretrained`` layout, with its tokenizer if available).
+        llm: a causal-LM folder: ``save_pretrained`` layout (with its tokenizer if available) or one GGUF
+            file (dequantised; its tokenizer comes with it). A tokenizer with no free row for the image
+            token grows the LLM's vocabulary (`fit_llm_tokenizer`).
         vision2d: a SiglipVisionModel or full SiglipModel folder (None for ``slice_aggregation="none"``).
         vision3d: an M3D-CLIP folder (config.json + weights; its BERT tokenizer if available).
         dtype: model dtype (default float32).

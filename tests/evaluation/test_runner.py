@@ -322,6 +322,49 @@ def test_ablation_jobs_run_every_pair_once_in_parallel_workers(tmp_path, monkeyp
     assert "none (seeds 0, 1)" in text and "tgis (seeds 0, 1)" in text
 
 
+def test_an_interrupted_parallel_ablation_stops_its_runs_and_starts_no_other(tmp_path, monkeypatch):
+    """SIGTERM to the parent and its two workers (as `timeout` sends it to the group): each run in progress
+    stops as training does (here: raises TrainingInterrupted in its worker), no third run starts, the first
+    interruption reaches the caller whole, and the parent's handlers are put back."""
+    import os
+    import signal
+    import threading
+    import time
+
+    from med2e3 import stopping
+    from med2e3.errors import TrainingInterrupted
+
+    started = tmp_path / "started"
+    started.mkdir()
+
+    def fake_train(run, data, variant, seed, settings):
+        (started / f"{variant}-{seed}-{os.getpid()}").touch()
+        deadline = time.monotonic() + 60
+        while not stopping.requested() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        raise TrainingInterrupted(stopping.requested() or signal.SIGKILL, run / "pretrain" / "checkpoint-3")
+
+    def terminate_when_both_started() -> None:
+        deadline = time.monotonic() + 60
+        while len(os.listdir(started)) < 2 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        for name in os.listdir(started):
+            os.kill(int(name.rsplit("-", 1)[1]), signal.SIGTERM)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(ablation, "prepare_benchmark", lambda out, settings: out / "synth")
+    monkeypatch.setattr(ablation, "eval_examples", lambda data, settings: {})
+    monkeypatch.setattr(ablation, "train_run", fake_train)
+    handler = signal.getsignal(signal.SIGTERM)
+    threading.Thread(target=terminate_when_both_started, daemon=True).start()
+    with pytest.raises(TrainingInterrupted, match=r"SIGTERM: stopped after saving .*checkpoint-3") as caught:
+        ablation.run_ablation(tmp_path / "out", ablation.AblationSettings(seeds=(0, 1), jobs=2))
+    assert caught.value.signum == signal.SIGTERM and caught.value.checkpoint.name == "checkpoint-3"
+    assert len(os.listdir(started)) == 2  # of six runs
+    assert signal.getsignal(signal.SIGTERM) == handler
+    assert not (tmp_path / "out" / "results.md").exists()  # no run finished: no table, none marked complete
+
+
 def test_ablation_jobs_must_be_positive(tmp_path):
     with pytest.raises(ConfigError, match="jobs"):
         ablation.run_ablation(tmp_path, ablation.AblationSettings(jobs=0))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import logging
 import shutil
 from pathlib import Path
 
@@ -12,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import BertConfig, BertModel
+from transformers import BertConfig, BertForPreTraining, BertModel
 
 from med2e3.data.processor import build_question_tokenizer, load_tokenizer
 from med2e3.errors import ConfigError
@@ -175,3 +176,19 @@ def test_a_variant_without_tgis_takes_only_the_config(tmp_path, tiny_dataset, be
     model, processor = build_model(config)
     assert not hasattr(model, "question_encoder") and processor.question_tokenizer is None
     assert model.config.question_encoder_config.hidden_size == 32
+
+
+def test_a_checkpoint_with_pretraining_heads_loads_its_encoder(tmp_path, tiny_dataset, caplog):
+    """A bert-base-uncased style folder (BertForPreTraining): the encoder is used, the heads are named."""
+    folder = make_bert_folder(tmp_path / "plain")
+    heads = tmp_path / "with_heads"
+    full = BertForPreTraining(BertConfig.from_pretrained(folder))
+    full.bert.load_state_dict(BertModel.from_pretrained(folder).state_dict())
+    full.save_pretrained(heads)
+    load_tokenizer(folder).save_pretrained(heads)
+    with caplog.at_level(logging.WARNING):
+        model, _ = build_model(config_from_dict(fields(tmp_path, tiny_dataset, str(heads))))
+    assert "with_heads: " in caplog.text and "weights not used: cls." in caplog.text
+    expected = BertModel.from_pretrained(folder).state_dict()
+    for name, value in model.question_encoder.state_dict().items():
+        assert torch.equal(value, expected[name]), name

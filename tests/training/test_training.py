@@ -1,4 +1,5 @@
-"""Training: both stages learn, frozen parts stay frozen, resume after SIGKILL or a saved stop on SIGTERM,\ntorchrun, bad configs."""
+"""Training: both stages learn, frozen parts stay frozen, resume after SIGKILL or a saved stop on SIGTERM,
+torchrun, bad configs."""
 
 from __future__ import annotations
 

@@ -16,7 +16,7 @@ from contextlib import contextmanager
 from datetime import timedelta
 
 from med2e3.cli.evaluation import register_ablation, register_eval
-from med2e3.errors import ConfigError, Med2E3Error, TrainingInterrupted
+from med2e3.errors import ConfigError, Interrupted, Med2E3Error
 from med2e3.server import register as register_server
 
 EXIT_USAGE = 2
@@ -356,7 +356,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         with _one_line_warnings():
             return handler(args)
-    except TrainingInterrupted as err:
+    except Interrupted as err:
         print(f"med2e3: {err}", file=sys.stderr)
         return 128 + err.signum
     except Med2E3Error as err:

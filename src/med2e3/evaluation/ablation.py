@@ -28,13 +28,14 @@ import shutil
 import statistics
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from med2e3 import stopping
 from med2e3.data.datasets import QUESTION_TYPES, Example
-from med2e3.errors import ConfigError, OutputError
+from med2e3.errors import ConfigError, Interrupted, OutputError
 from med2e3.evaluation.runner import evaluate, predict_examples, read_predictions
 from med2e3.files import write_atomic
 from med2e3.folders import check_model_folder, check_unseen
@@ -523,29 +524,65 @@ def run_ablation(
             results_path, results_table(summaries), settings, time.monotonic() - start, False, machine
         )
 
-    if settings.jobs == 1:
-        for variant, seed in pairs:
-            finished(variant, seed, *_run_one(out, data, variant, seed, settings, subsets))
-    else:
-        import multiprocessing
-        from concurrent.futures import ProcessPoolExecutor, as_completed
-
-        # fork: workers inherit the loaded modules; each sets its own torch thread count
-        context = multiprocessing.get_context("fork")
-        with ProcessPoolExecutor(settings.jobs, mp_context=context) as pool:
-            futures = {
-                pool.submit(_run_one, out, data, variant, seed, settings, subsets): (variant, seed)
-                for variant, seed in pairs
-            }
-            try:
-                for future in as_completed(futures):
-                    finished(*futures[future], *future.result())
-            except BaseException:  # e.g. Ctrl+C: the runs in progress save a checkpoint; none other starts
-                pool.shutdown(wait=False, cancel_futures=True)
-                raise
-    write_results(results_path, results_table(summaries), settings, time.monotonic() - start, True, machine)
-    _log(f"ablation finished in {(time.monotonic() - start) / 60:.1f} min; table in {results_path}")
+    with stopping.stop_on_signals():  # Ctrl+C / SIGTERM: runs in progress save or finish, no other starts
+        if settings.jobs == 1:
+            for variant, seed in pairs:
+                _check_stop("no run started after it")
+                finished(variant, seed, *_run_one(out, data, variant, seed, settings, subsets))
+        else:
+            _run_in_workers(pairs, settings.jobs, finished, (out, data, settings, subsets))
+        elapsed = time.monotonic() - start
+        write_results(results_path, results_table(summaries), settings, elapsed, True, machine)
+        _log(f"ablation finished in {elapsed / 60:.1f} min; table in {results_path}")
     return results_path
+
+
+def _run_in_workers(
+    pairs: Sequence[tuple[str, int]],
+    jobs: int,
+    finished: Callable[..., None],
+    context: tuple[Path, Path, AblationSettings, dict[str, list[Example]]],
+) -> None:
+    """`_run_one` for every (variant, seed) in ``jobs`` forked worker processes, never more runs submitted
+    than workers; ``finished`` records each in the parent. After a stop request (`stopping`; the parent's,
+    or a worker's, which then stops its run) nothing new is submitted, the runs in progress end, and the
+    first interruption is raised."""
+    import multiprocessing
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+
+    out, data, settings, subsets = context
+    todo, running = iter(pairs), {}
+    interrupted: Interrupted | None = None
+    # fork: workers inherit the loaded modules; each sets its own torch thread count and stop handler
+    pool = ProcessPoolExecutor(
+        jobs, mp_context=multiprocessing.get_context("fork"), initializer=stopping.install
+    )
+    with pool:
+        while True:
+            while len(running) < jobs and interrupted is None and not stopping.requested():
+                pair = next(todo, None)
+                if pair is None:
+                    break
+                running[pool.submit(_run_one, out, data, *pair, settings, subsets)] = pair
+            if not running:
+                break
+            done, _ = wait(running, return_when=FIRST_COMPLETED)
+            for future in done:
+                pair = running.pop(future)
+                try:
+                    finished(*pair, *future.result())
+                except Interrupted as err:
+                    interrupted = interrupted or err
+    if interrupted is not None:
+        raise interrupted
+    if next(todo, None) is not None:
+        _check_stop("no run started after it")
+
+
+def _check_stop(what: str) -> None:
+    """Interrupted, saying ``what`` was kept, when a stop was requested (`stopping`)."""
+    if stopping.requested():
+        raise Interrupted(stopping.requested(), f"stopped; {what} (the same command resumes)")
 
 
 def _run_one(
@@ -564,6 +601,7 @@ def _run_one(
     t0 = time.monotonic()
     run = run_dir(out, variant, seed)
     train_run(run, data, variant, seed, settings)
+    _check_stop(f"{run.name} trained, not evaluated")
     return evaluate_run(run, subsets, settings), (time.monotonic() - t0) / 60, _machine()
 
 

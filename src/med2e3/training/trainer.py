@@ -9,13 +9,8 @@ from __future__ import annotations
 
 import csv
 import json
-import logging
 import os
-import signal
-import threading
 from collections import Counter
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -23,10 +18,11 @@ import torch
 from transformers import BertConfig
 from transformers.trainer_callback import TrainerCallback
 
+from med2e3 import stopping
 from med2e3.config import Med2E3Config
 from med2e3.data.datasets import Example
 from med2e3.data.processor import IGNORE_INDEX, Med2E3Processor, load_tokenizer
-from med2e3.errors import ConfigError, DatasetError, TrainingInterrupted
+from med2e3.errors import ConfigError, DatasetError, Interrupted, TrainingInterrupted
 from med2e3.files import write_atomic
 from med2e3.folders import check_model_folder, named_folder
 from med2e3.model import Med2E3ForConditionalGeneration
@@ -49,8 +45,6 @@ from med2e3.training.runs import (
     record_settings,
     rotate_checkpoints,
 )
-
-logger = logging.getLogger(__name__)
 
 __all__ = ["COMPLETE_MARKER", "LOSS_LOG", "TRAINING_INFO", "build_model", "last_complete_checkpoint", "train"]
 
@@ -243,46 +237,21 @@ class CheckpointCallback(TrainerCallback):
 
 
 class SaveOnSignal(TrainerCallback):
-    """SIGINT or SIGTERM while `installed`: finish the step in progress, save a checkpoint and stop (every rank
-    at the same step). A second signal acts as it would without this (KeyboardInterrupt, termination)."""
-
-    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+    """After each optimiser step: when a stop was requested (`med2e3.stopping`; on any rank), save a
+    checkpoint and stop, every rank at the same step. ``signum``: the request's signal, once stopped."""
 
     def __init__(self) -> None:
-        self.received: int | None = None
-        self.stopped = False
-        self._previous: dict[int, Any] = {}
-
-    @contextmanager
-    def installed(self) -> Iterator[None]:
-        """Handle the signals for the duration (only the main thread can; elsewhere nothing changes)."""
-        if threading.current_thread() is threading.main_thread():
-            self._previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
-        try:
-            yield
-        finally:
-            self._restore()
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        self.received = signum
-        self._restore()
-        logger.warning(
-            "%s: saving a checkpoint after this step (again to stop at once)", signal.Signals(signum).name
-        )
-
-    def _restore(self) -> None:
-        for sig, previous in self._previous.items():
-            signal.signal(sig, previous)
-        self._previous = {}
+        self.signum: int | None = None
 
     def on_step_end(self, args, state, control, **kwargs):
-        stop = self.received is not None
-        if torch.distributed.is_available() and torch.distributed.is_initialized():  # any rank's signal
-            flag = torch.tensor(float(stop), device=args.device)
+        signum = stopping.requested() or 0
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            flag = torch.tensor(float(signum), device=args.device)
             torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-            stop = bool(flag.item())
-        if stop:
-            control.should_save = control.should_training_stop = self.stopped = True
+            signum = int(flag.item())
+        if signum:
+            self.signum = signum
+            control.should_save = control.should_training_stop = True
 
 
 class EpochCallback(TrainerCallback):
@@ -420,26 +389,35 @@ def train(config: TrainConfig, overwrite: bool = False) -> Path:
     resume = _broadcast_path(resume)
     stopper = SaveOnSignal()
     trainer.add_callback(stopper)
-    with stopper.installed():
+    with stopping.stop_on_signals():
+        if stopping.requested():  # e.g. an ablation worker asked to stop between two stages
+            raise Interrupted(stopping.requested(), f"stopped before training {output_dir}")
         result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
-    if stopper.stopped and trainer.state.global_step < trainer.state.max_steps:  # a checkpoint was saved
-        checkpoint = output_dir / f"checkpoint-{trainer.state.global_step}"
-        raise TrainingInterrupted(stopper.received or signal.SIGTERM, checkpoint)
-    if trainer.is_world_process_zero():
-        final = trainer.model
-        if config.lora.enabled:
-            final.language_model = final.language_model.merge_and_unload()
-        final.save_pretrained(output_dir)
-        processor.save_pretrained(output_dir)
-        info = {
-            "stage": config.stage,
-            "global_step": trainer.state.global_step,
-            "train_loss": result.training_loss,
-            "resumed_from": None if resume is None else resume.name,
-            "config": config_to_dict(config),
-        }
-        write_atomic(output_dir / TRAINING_INFO, json.dumps(info, indent=2) + "\n")  # last: marks completion
+        if stopper.signum and trainer.state.global_step < trainer.state.max_steps:
+            raise TrainingInterrupted(stopper.signum, output_dir / f"checkpoint-{trainer.state.global_step}")
+        if trainer.is_world_process_zero():
+            _save_final(trainer, processor, config, result.training_loss, resume)
     return output_dir
+
+
+def _save_final(
+    trainer: Any, processor: Med2E3Processor, config: TrainConfig, loss: float, resume: Path | None
+) -> None:
+    """Rank 0: the trained model (LoRA merged), its processor, and `TRAINING_INFO` last (marks completion)."""
+    output_dir = Path(config.output_dir)
+    final = trainer.model
+    if config.lora.enabled:
+        final.language_model = final.language_model.merge_and_unload()
+    final.save_pretrained(output_dir)
+    processor.save_pretrained(output_dir)
+    info = {
+        "stage": config.stage,
+        "global_step": trainer.state.global_step,
+        "train_loss": loss,
+        "resumed_from": None if resume is None else resume.name,
+        "config": config_to_dict(config),
+    }
+    write_atomic(output_dir / TRAINING_INFO, json.dumps(info, indent=2) + "\n")
 
 
 def _start_run(config: TrainConfig, overwrite: bool) -> Path | None:
