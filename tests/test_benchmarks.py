@@ -258,6 +258,25 @@ def test_dense_lesion_targets_mark_each_lesion_in_its_host_and_training_reports_
     assert all(0 <= v <= 1 for v in test["volume_accuracy"].values()) and 0 < test["majority"] <= 1
 
 
+def test_lesion_probe_reads_a_saved_dense_encoder_one_row_per_organ_present(bench_modules, capsys, tmp_path):
+    from benchmarks import dense_lesions, lesion_probe
+
+    saved = tmp_path / "encoder.safetensors"
+    argv = ["--train-volumes", "3", "--test-volumes", "2", "--train-seed", "5", "--test-seed", "6"]
+    dense_lesions.main([*argv, "--epochs", "1", "--batch-size", "2", "--save", str(saved)])
+    data = dense_lesions.build(6, 2, 64, 16, progress=False)
+    features, answers = lesion_probe.pooled(data, *lesion_probe.encoder(str(saved)))
+    present = (data.labels > 0).flatten(1, 2).any(1)  # volumes x hosts
+    truth = (data.labels.long().flatten(1, 2).amax(1) - 1).clamp(min=0)[present]
+    assert features.shape == (int(present.sum()), 3 * 16 * 64 + len(dense_lesions.HOSTS))
+    assert answers.tolist() == truth.tolist() and (features[:, -len(dense_lesions.HOSTS) :].sum(1) == 1).all()
+    capsys.readouterr()
+    lesion_probe.main(["--encoder", str(saved), "--train-volumes", "3", "--test-volumes", "2"] + argv[4:])
+    record = json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert record["encoder"] == str(saved) and record["pairs"][1] == len(answers)
+    assert 0 < record["majority"] <= 1 and 0 <= record["accuracy (l2 0.1)"] <= 1
+
+
 def test_starting_point_script_refuses_an_unknown_variant_before_any_work(tmp_path):
     import subprocess
 
