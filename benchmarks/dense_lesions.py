@@ -97,7 +97,7 @@ class DenseModel(nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """V x S x R x R volumes -> V x S x T x hosts x classes logits."""
         v, s, r, _ = images.shape
-        slices = images.float().reshape(v * s, 1, r, r).expand(-1, 3, -1, -1)
+        slices = images.to(self.head.weight.device).float().reshape(v * s, 1, r, r).expand(-1, 3, -1, -1)
         tokens = self.encoder(pixel_values=slices).last_hidden_state
         if self.connector is not None:
             tokens = self.connector(tokens)
@@ -136,7 +136,7 @@ def score(model: DenseModel, data: Targets, thresholds: tuple[float, ...], batch
     hits, counts = torch.zeros(len(CLASSES)), torch.zeros(len(CLASSES))
     correct, truths = Counter(), Counter()
     for start in range(0, len(data.images), batch):
-        probs = model(data.images[start : start + batch]).softmax(-1)
+        probs = model(data.images[start : start + batch]).softmax(-1).cpu()
         labels = data.labels[start : start + batch].long()
         predicted = probs.argmax(-1)
         for c in range(len(CLASSES)):
@@ -166,21 +166,21 @@ def score(model: DenseModel, data: Targets, thresholds: tuple[float, ...], batch
 def save_atomic(state: dict[str, torch.Tensor], path: Path) -> None:
     """``state`` as a safetensors file at ``path``, replaced only once written."""
     partial = path.with_name(path.name + ".partial")
-    save_file({k: v.contiguous() for k, v in state.items()}, partial)
+    save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, partial)
     os.replace(partial, path)
 
 
 def train(model: DenseModel, train_set: Targets, test_set: Targets, args: argparse.Namespace) -> None:
     """Train epoch by epoch, printing one JSON line of scores after each."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr)
-    weight = torch.tensor([1.0, 1.0] + [args.lesion_weight] * len(LESION_TYPES))
+    weight = torch.tensor([1.0, 1.0] + [args.lesion_weight] * len(LESION_TYPES), device=args.device)
     seen = Targets(train_set.images[:200], train_set.labels[:200])
     start = time.monotonic()
     for epoch in range(args.epochs):
         for index in torch.randperm(len(train_set.images)).split(args.batch_size):
             logits = model(train_set.images[index])
             loss = F.cross_entropy(
-                logits.flatten(0, -2), train_set.labels[index].long().flatten(), weight=weight
+                logits.flatten(0, -2), train_set.labels[index].to(args.device).long().flatten(), weight=weight
             )
             optimizer.zero_grad()
             loss.backward()
@@ -211,9 +211,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--thresholds", type=float, nargs="+", default=[0.5, 0.9, 0.99])
     parser.add_argument("--seed", type=int, default=0, help="torch seed")
     parser.add_argument("--save", type=Path, help="write the 2D encoder's weights here after every epoch")
+    parser.add_argument(
+        "--device", default="cpu", help="where to train, e.g. cuda (the data stays on the CPU)"
+    )
     args = parser.parse_args(argv)
     torch.manual_seed(args.seed)
-    model = make_model(args.init, args.size, args.patch, args.width, args.layers)
+    model = make_model(args.init, args.size, args.patch, args.width, args.layers).to(args.device)
     train_set = build(args.train_seed, args.train_volumes, args.size, args.patch)
     test_set = build(args.test_seed, args.test_volumes, args.size, args.patch)
     print(json.dumps({"settings": vars(args)}, default=str), flush=True)

@@ -27,14 +27,17 @@ from benchmarks.dense_lesions import HOSTS, Targets, build, make_model
 from benchmarks.lesion_ceiling import fit_predict
 
 
-def encoder(name: str) -> tuple[nn.Module, nn.Module | None]:
-    """``shipped`` (the shipped model's 2D encoder and connector), ``random`` (a fresh encoder of the
-    preset's size) or a safetensors file of such an encoder's weights (`dense_lesions --save`)."""
+def encoder(
+    name: str, shape: tuple[int, int, int, int] = (64, 16, 64, 2)
+) -> tuple[nn.Module, nn.Module | None]:
+    """``shipped`` (the shipped model's 2D encoder and connector), ``random`` (a fresh encoder) or a
+    safetensors file of an encoder's weights (`dense_lesions --save`); ``shape``: slice size, patch, width
+    and layers of the last two (the tiny preset's by default)."""
     torch.manual_seed(0)
     if name == "shipped":
-        model = make_model("shipped", 64, 16, 64, 2)
+        model = make_model("shipped", *shape)
         return model.encoder.eval(), model.connector.eval()
-    fresh = make_model("fresh", 64, 16, 64, 2).encoder
+    fresh = make_model("fresh", *shape).encoder
     if name != "random":
         fresh.load_state_dict(load_file(name))
     return fresh.eval(), None
@@ -73,11 +76,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--test-volumes", type=int, default=200)
     parser.add_argument("--train-seed", type=int, default=3000)
     parser.add_argument("--test-seed", type=int, default=3001)
+    parser.add_argument("--size", type=int, default=64, help="slice size in pixels (as dense_lesions)")
+    parser.add_argument("--patch", type=int, default=16)
+    parser.add_argument("--width", type=int, default=64)
+    parser.add_argument("--layers", type=int, default=2)
     args = parser.parse_args(argv)
     start = time.monotonic()
-    enc, connector = encoder(args.encoder)
-    train_x, train_y = pooled(build(args.train_seed, args.train_volumes, 64, 16, False), enc, connector)
-    test_x, test_y = pooled(build(args.test_seed, args.test_volumes, 64, 16, False), enc, connector)
+    enc, connector = encoder(args.encoder, (args.size, args.patch, args.width, args.layers))
+    grid = (args.size, args.patch)
+    train_x, train_y = pooled(build(args.train_seed, args.train_volumes, *grid, False), enc, connector)
+    test_x, test_y = pooled(build(args.test_seed, args.test_volumes, *grid, False), enc, connector)
     record: dict = {"encoder": args.encoder, "pairs": [len(train_y), len(test_y)]}
     for l2 in (1e-3, 1e-2, 1e-1):
         predicted = fit_predict(train_x, train_y, test_x, l2=l2)
