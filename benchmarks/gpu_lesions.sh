@@ -2,9 +2,11 @@
 # Issue #13's open question on one lent GPU: does a small 2D encoder of the paper's kind (SigLIP) learn to find
 # the synthetic benchmark's lesions when trained far longer, wider or on larger slices than a CPU allows?
 # (docs/results.md, fifth status: on the CPU, 35-150 epochs of dense per-token targets left the volume-level
-# answer at the majority rate.) Four `benchmarks.dense_lesions` runs at once, each until the deadline, each
+# answer at the majority rate.) Five `benchmarks.dense_lesions` runs at once, each until the deadline, each
 # writing one JSON line per epoch and its encoder's weights after every epoch (lesion_probe reads them):
 #   preset   the tiny preset's encoder (64-pixel slices, 16-pixel patches, width 64, 2 layers)
+#   patch8   8-pixel patches (64 tokens a slice): a patch embedding that keeps every pixel (64 pixels -> width
+#            64), as SigLIP-large's does (256 pixels -> 1024); the preset's squeezes 256 pixels into 64
 #   wide     width 128, 4 layers
 #   size128  128-pixel slices (64 tokens a slice)
 #   size256  256-pixel slices (256 tokens a slice, as the paper's SigLIP), width 128, 4 layers, 800 volumes
@@ -16,13 +18,14 @@
 # NAME.jsonl and NAME.safetensors for each run, and gpu_lesions.log. Then, here, for each encoder:
 #   python -m benchmarks.lesion_probe --encoder NAME.safetensors [its --size/--width/--layers]
 # Records go under benchmarks/results/gpu_lesions/.
-#   here:   bash benchmarks/gpu_lesions.sh dry-run              # the four runs on CPU, 4 volumes, 1 epoch
+#   here:   bash benchmarks/gpu_lesions.sh dry-run              # the five runs on CPU, 4 volumes, 1 epoch
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source benchmarks/gpu_parts.sh
 
 declare -A RUNS=(
   [preset]=""
+  [patch8]="--patch 8"
   [wide]="--width 128 --layers 4"
   [size128]="--size 128"
   [size256]="--size 256 --width 128 --layers 4 --batch-size 2 --train-volumes 800"
