@@ -11,7 +11,19 @@ from pathlib import Path
 
 
 class Med2E3Error(Exception):
-    """Base class of all errors raised on purpose by med2e3."""
+    """Base class of all errors raised on purpose by med2e3. Picklable whatever a subclass's ``__init__``
+    takes (an error raised in a worker process reaches its parent whole): the copy is made from the
+    original's message and attributes, without calling ``__init__`` again."""
+
+    def __reduce__(self):
+        return _rebuild_error, (type(self), self.args, self.__dict__)
+
+
+def _rebuild_error(cls: type[Med2E3Error], args: tuple, state: dict) -> Med2E3Error:
+    error = cls.__new__(cls)
+    error.args = args
+    error.__dict__.update(state)
+    return error
 
 
 class VolumeError(Med2E3Error, ValueError):
@@ -21,9 +33,6 @@ class VolumeError(Med2E3Error, ValueError):
         self.path = None if path is None else Path(path)
         self.reason = reason
         super().__init__(f"{path}: {reason}" if path is not None else reason)
-
-    def __reduce__(self):  # picklable (e.g. from a worker process): the arguments, not the message
-        return type(self), (self.path, self.reason)
 
 
 class VolumeSizeError(VolumeError):
@@ -42,9 +51,6 @@ class DatasetError(Med2E3Error, ValueError):
             where += f" (row {row})"
         super().__init__(f"{where}: {reason}")
 
-    def __reduce__(self):
-        return type(self), (self.path, self.reason, self.row)
-
 
 class InputError(Med2E3Error, ValueError):
     """Model inputs (prompt, question, tensors) are malformed."""
@@ -62,9 +68,6 @@ class OutputError(Med2E3Error, ValueError):
         self.reason = reason
         super().__init__(f"{path}: {reason}")
 
-    def __reduce__(self):
-        return type(self), (self.path, self.reason)
-
 
 class Interrupted(Med2E3Error):
     """Long work stopped on a signal (`med2e3.stopping`); what it finished is kept."""
@@ -74,9 +77,6 @@ class Interrupted(Med2E3Error):
         self.what = what
         super().__init__(f"{signal.Signals(signum).name}: {what}")
 
-    def __reduce__(self):
-        return type(self), (self.signum, self.what)
-
 
 class TrainingInterrupted(Interrupted):
     """A training run stopped on a signal after saving a checkpoint; the same run resumes from it."""
@@ -84,6 +84,3 @@ class TrainingInterrupted(Interrupted):
     def __init__(self, signum: int, checkpoint: str | Path):
         self.checkpoint = Path(checkpoint)
         super().__init__(signum, f"stopped after saving {checkpoint}; the same command resumes from it")
-
-    def __reduce__(self):
-        return type(self), (self.signum, self.checkpoint)

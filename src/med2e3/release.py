@@ -142,9 +142,6 @@ class ReleaseError(Med2E3Error, ValueError):
         self.reason = reason
         super().__init__(f"{path}: {reason}" if path is not None else reason)
 
-    def __reduce__(self):
-        return type(self), (self.path, self.reason)
-
 
 # ---- reading files --------------------------------------------------------------------------------------
 def _read_json(path: Path) -> dict[str, Any]:

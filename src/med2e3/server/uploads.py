@@ -46,9 +46,6 @@ class UploadError(VolumeError):
         super().__init__(label, reason)
         self.status = status
 
-    def __reduce__(self):
-        return type(self), (None if self.path is None else str(self.path), self.reason, self.status)
-
 
 def safe_label(filename: str | None) -> str:
     """The client's file name reduced to a short display label (never used as a path)."""
